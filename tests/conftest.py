@@ -21,3 +21,57 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     from qwen_ckpt_compat.testing import write_tiny_qwen
 
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
+
+
+@pytest.fixture(autouse=True)
+def _record_behaviour(request: pytest.FixtureRequest, record_property) -> None:
+    """Writes each test's `behaviour` marker into the JUnit report, for docs/compatibility.md."""
+    for mark in request.node.iter_markers("behaviour"):
+        record_property("behaviour", mark.args[0])
+
+
+@pytest.fixture
+def qwen(tiny_qwen_dir):
+    """A freshly loaded tiny Qwen v1 model (float32, train mode); the library's patch is undone afterwards."""
+    from helpers import load_qwen
+
+    from qwen_ckpt_compat import unpatch
+
+    model = load_qwen(tiny_qwen_dir)
+    yield model
+    unpatch(model)
+
+
+NATIVE_ARCHITECTURES = {
+    # name: (config class, model class); tiny shapes, built locally.
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),  # transformers >= 4.37
+}
+
+
+def _native(name: str):
+    import torch
+    import transformers
+
+    config_name, model_name = NATIVE_ARCHITECTURES[name]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_name}")
+    config = getattr(transformers, config_name)(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=64, use_cache=True,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).float()
+    model.train()
+    return model
+
+
+@pytest.fixture
+def native_llama():
+    return _native("llama")
+
+
+@pytest.fixture(params=sorted(NATIVE_ARCHITECTURES))
+def native_model_factory(request):
+    """A function returning fresh, identical tiny native models (Llama, Qwen2)."""
+    return lambda: _native(request.param)

@@ -1,0 +1,69 @@
+"""qwen-ckpt-compat: LoRA + gradient checkpointing for Qwen v1 remote-code models on every transformers release.
+
+```python
+from qwen_ckpt_compat import prepare_for_lora
+
+model = prepare_for_lora(model)
+```
+
+Importing the package is cheap: torch, transformers and peft are imported only when a function is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._version import __version__
+
+__all__ = [
+    "CheckpointRequest",
+    "CheckpointingNotSupportedError",
+    "CompatError",
+    "CompatWarning",
+    "ModelInfo",
+    "UnsupportedModelError",
+    "__version__",
+    "capabilities",
+    "checkpoint_settings",
+    "describe",
+    "is_patched",
+    "patch",
+    "prepare_for_lora",
+    "unpatch",
+]
+
+_LAZY = {
+    "prepare_for_lora": "lora",
+    "patch": "patching",
+    "unpatch": "patching",
+    "is_patched": "patching",
+    "checkpoint_settings": "patching",
+    "CheckpointRequest": "patching",
+    "describe": "detection",
+    "ModelInfo": "detection",
+    "capabilities": "versions",
+    "CompatError": "errors",
+    "CompatWarning": "errors",
+    "CheckpointingNotSupportedError": "errors",
+    "UnsupportedModelError": "errors",
+}
+
+if TYPE_CHECKING:
+    from .versions import capabilities
+    from .detection import ModelInfo, describe
+    from .errors import CheckpointingNotSupportedError, CompatError, CompatWarning, UnsupportedModelError
+    from .lora import prepare_for_lora
+    from .patching import CheckpointRequest, checkpoint_settings, is_patched, patch, unpatch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

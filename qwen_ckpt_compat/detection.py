@@ -1,0 +1,168 @@
+"""What kind of model this is: remote code or native, old or new checkpointing API, family and blocks.
+
+Everything here looks at the loaded classes, never at names alone: whether a checkpoint's remote code uses
+the old ``_set_gradient_checkpointing(self, module, value=False)`` form depends on its revision.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import UnsupportedModelError
+
+__all__ = [
+    "ModelInfo",
+    "describe",
+    "find_checkpointing_class",
+    "is_old_checkpointing_api",
+    "is_remote_code",
+    "unwrap_model",
+]
+
+REMOTE_MODULE_PREFIX = "transformers_modules."
+_SET_GC = "_set_gradient_checkpointing"
+
+
+def _is_pretrained_model(obj: Any) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(obj, PreTrainedModel)
+
+
+def _is_peft_model(obj: Any) -> bool:
+    # Duck-typed so that peft is never imported just to ask.
+    return type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "get_base_model", None))
+
+
+def unwrap_model(model: Any) -> "torch.nn.Module":
+    """Returns the transformers ``PreTrainedModel`` inside ``model``.
+
+    Args:
+        model (`PreTrainedModel` or `peft.PeftModel`): a transformers model, or a peft model around one.
+
+    Raises:
+        `UnsupportedModelError` (a `TypeError`): for anything else, naming what was passed.
+    """
+    inner = model.get_base_model() if _is_peft_model(model) else model
+    if not _is_pretrained_model(inner):
+        what = "None" if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
+        raise UnsupportedModelError(
+            f"qwen-ckpt-compat expects a transformers PreTrainedModel or a peft PeftModel around one, got {what}"
+            + (f" ({model!r:.60})" if isinstance(model, (str, bytes, int, float)) else "")
+        )
+    return inner
+
+
+def is_remote_code(model_or_class: Any) -> bool:
+    """Whether the class was loaded from a model repository with ``trust_remote_code=True``."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    return cls.__module__.startswith(REMOTE_MODULE_PREFIX)
+
+
+def _original(function: Callable) -> Callable:
+    # The replacement installed by `patching` is a wrapt wrapper whose `__wrapped__` is the original.
+    return inspect.unwrap(function)
+
+
+def find_checkpointing_class(model_or_class: Any) -> Optional[type]:
+    """Returns the class that defines ``_set_gradient_checkpointing`` in the old ``(module, value)`` form.
+
+    ``None`` for classes that do not override it, and for native transformers models: up to 4.34 those use
+    the old form too, but transformers drives them its own way on every release.
+    """
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    for klass in cls.__mro__:
+        function = klass.__dict__.get(_SET_GC)
+        if function is None:
+            continue
+        if _is_native(klass) or "value" not in inspect.signature(_original(function)).parameters:
+            return None
+        return klass
+    return None
+
+
+def _is_native(cls: type) -> bool:
+    return cls.__module__.split(".")[0] == "transformers"
+
+
+def is_old_checkpointing_api(model_or_class: Any) -> bool:
+    """Whether the model uses the pre-4.35 ``_set_gradient_checkpointing(self, module, value=False)`` form."""
+    return find_checkpointing_class(model_or_class) is not None
+
+
+def decoder_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
+    """Class names of the decoder blocks: the classes named in ``_no_split_modules``."""
+    names = getattr(model, "_no_split_modules", None) or ()
+    return tuple(dict.fromkeys(str(name) for name in names))
+
+
+def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["torch.nn.Module"]:
+    """The modules that the old-form ``original`` marks with ``gradient_checkpointing = True``.
+
+    Asks ``original`` itself, module by module, and puts every flag back as it was.
+    """
+    owners = []
+    for module in model.modules():
+        had = "gradient_checkpointing" in module.__dict__
+        before = module.__dict__.get("gradient_checkpointing")
+        original(model, module, value=True)
+        if module.__dict__.get("gradient_checkpointing") is True:
+            owners.append(module)
+        if had:
+            module.__dict__["gradient_checkpointing"] = before
+        else:
+            module.__dict__.pop("gradient_checkpointing", None)
+    return owners
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A description of a model, as far as checkpointing is concerned.
+
+    Attributes:
+        model_class (`str`): qualified name of the transformers model class.
+        module (`str`): the module the class comes from (``transformers_modules.*`` for remote code).
+        family (`str`, *optional*): ``config.model_type`` (``"qwen"`` for Qwen v1).
+        is_remote_code (`bool`): the class was loaded with ``trust_remote_code=True``.
+        is_peft_model (`bool`): a peft model was passed; the rest describes the model inside it.
+        old_checkpointing_api (`bool`): the old ``_set_gradient_checkpointing(module, value)`` form is used.
+        checkpointing_class (`str`, *optional*): the class that defines that old method.
+        decoder_blocks (`tuple[str, ...]`): class names of the decoder blocks (from ``_no_split_modules``).
+        num_decoder_blocks (`int`): how many decoder blocks the model has.
+        supports_gradient_checkpointing (`bool`): the model's own ``supports_gradient_checkpointing``.
+    """
+
+    model_class: str
+    module: str
+    family: Optional[str]
+    is_remote_code: bool
+    is_peft_model: bool
+    old_checkpointing_api: bool
+    checkpointing_class: Optional[str]
+    decoder_blocks: tuple[str, ...]
+    num_decoder_blocks: int
+    supports_gradient_checkpointing: bool
+
+
+def describe(model: Any) -> ModelInfo:
+    """Describes ``model`` (a ``PreTrainedModel`` or a peft model around one); see :class:`ModelInfo`."""
+    inner = unwrap_model(model)
+    cls = type(inner)
+    checkpointing_class = find_checkpointing_class(cls)
+    blocks = decoder_block_names(inner)
+    return ModelInfo(
+        model_class=cls.__qualname__,
+        module=cls.__module__,
+        family=getattr(getattr(inner, "config", None), "model_type", None),
+        is_remote_code=is_remote_code(cls),
+        is_peft_model=inner is not model,
+        old_checkpointing_api=checkpointing_class is not None,
+        checkpointing_class=checkpointing_class.__qualname__ if checkpointing_class else None,
+        decoder_blocks=blocks,
+        num_decoder_blocks=sum(type(m).__name__ in blocks for m in inner.modules()),
+        supports_gradient_checkpointing=bool(getattr(inner, "supports_gradient_checkpointing", False)),
+    )

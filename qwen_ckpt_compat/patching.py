@@ -1,0 +1,305 @@
+"""The patch: make an old remote-code model accept every way transformers enables checkpointing.
+
+:func:`patch` installs, on the classes of one loaded model (never process-wide):
+
+* on the class that defines the old ``_set_gradient_checkpointing(self, module, value=False)``: a wrapper
+  that accepts the old call ``(module, value)`` (transformers <= 4.34, and 4.36+'s fallback) and the new call
+  ``(enable=..., gradient_checkpointing_func=..., every_n_layers=..., **anything_later)`` (4.35+). Its visible
+  signature has no ``value`` parameter, so transformers >= 4.36 takes the new path and hands over the
+  checkpoint function it built from the caller's kwargs;
+* on the same class, wrappers around ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable``
+  that only note what the caller asked for (kwargs, ``every_n_layers``, ``offload``), so that "nothing was
+  asked" can be told apart from transformers' filled-in defaults;
+* on the decoder-block and block-owner classes: the ``__call__`` wrappers of :mod:`qwen_ckpt_compat.routing`.
+
+Every wrapper is recorded; :func:`unpatch` puts back the exact original objects. Patching twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Optional
+
+import torch
+import wrapt
+
+from . import routing
+from .detection import checkpointing_owners, decoder_block_names, find_checkpointing_class, unwrap_model
+from .errors import CompatWarning
+
+__all__ = ["CheckpointRequest", "is_patched", "patch", "set_checkpointing_defaults", "unpatch"]
+
+logger = logging.getLogger(__name__)
+
+#: What is used when nobody asked for anything: the modern, non-reentrant checkpoint.
+DEFAULT_CHECKPOINT_KWARGS: dict = {"use_reentrant": False}
+_ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+_DEFAULTS_ATTR = "_qcc_checkpointing_defaults"
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """What a caller asked for; ``None`` means "no preference".
+
+    Attributes:
+        kwargs (`dict`, *optional*): kwargs for ``torch.utils.checkpoint.checkpoint`` (``use_reentrant`` ...).
+        every_n_layers (`int`, *optional*): checkpoint every n-th decoder block only.
+        offload (`bool`, *optional*): keep the saved block inputs in host memory.
+    """
+
+    kwargs: Optional[dict] = None
+    every_n_layers: Optional[int] = None
+    offload: Optional[bool] = None
+
+    def over(self, fallback: "CheckpointRequest") -> "CheckpointRequest":
+        """This request, with its gaps filled from ``fallback``."""
+        return CheckpointRequest(
+            kwargs=self.kwargs if self.kwargs is not None else fallback.kwargs,
+            every_n_layers=self.every_n_layers if self.every_n_layers is not None else fallback.every_n_layers,
+            offload=self.offload if self.offload is not None else fallback.offload,
+        )
+
+
+@dataclass
+class _Patch:
+    """What was installed for one checkpointing class: (class, attribute, original raw attribute or _ABSENT)."""
+
+    original: Callable
+    records: list = field(default_factory=list)
+
+    def wrap(self, cls: type, name: str, wrapper: Callable) -> None:
+        """Wraps ``cls.name`` (resolved through the MRO) with a wrapt wrapper or a ``wrapt.decorator``."""
+        if any(c is cls and n == name for c, n, _ in self.records):
+            return
+        self.records.append((cls, name, cls.__dict__.get(name, _ABSENT)))
+        if isinstance(wrapper, wrapt.FunctionWrapper):  # a wrapt.decorator: it builds the wrapper itself
+            wrapt.wrap_object(cls, name, wrapper)
+        else:
+            wrapt.wrap_function_wrapper(cls, name, wrapper)
+
+    def restore(self) -> None:
+        for cls, name, original in reversed(self.records):
+            if original is _ABSENT:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, original)
+        self.records.clear()
+
+
+_PATCHES: dict = {}  # checkpointing class -> _Patch
+# The request noted by the enable wrapper, for the `_set_gradient_checkpointing` call it makes: (model id, request).
+_CURRENT_REQUEST: contextvars.ContextVar = contextvars.ContextVar("qcc_request", default=None)
+
+
+# ---------------------------------------------------------------------------------------- the wrappers
+
+
+def _request_from_call(wrapped: Callable, args: tuple, kwargs: dict) -> CheckpointRequest:
+    try:
+        signature = inspect.signature(wrapped)
+        arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return CheckpointRequest()
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(parameter.name, {}))
+    checkpoint_kwargs = next((v for k, v in arguments.items() if k.endswith("checkpointing_kwargs")), None)
+    every_n_layers = arguments.get("every_n_layers")
+    offload = arguments.get("offload")
+    # transformers' own defaults (Trainer passes them explicitly) are no preference either.
+    return CheckpointRequest(
+        kwargs=dict(checkpoint_kwargs) if checkpoint_kwargs is not None else None,
+        every_n_layers=every_n_layers if every_n_layers not in (None, 1) else None,
+        offload=True if offload else None,
+    )
+
+
+def _note_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrapper for the enable methods: remember what the caller asked for, then run transformers' code."""
+    model = instance if instance is not None else args[0]
+    call_args = args if instance is not None else args[1:]
+    token = _CURRENT_REQUEST.set((id(model), _request_from_call(wrapped, call_args, kwargs)))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _CURRENT_REQUEST.reset(token)
+
+
+def _visible_signature(self, enable: bool = True, gradient_checkpointing_func: Optional[Callable] = None, **kwargs):
+    """What ``inspect.signature`` shows for the patched method: the new form, without ``value``."""
+
+
+@wrapt.decorator(adapter=_visible_signature)
+def _set_gradient_checkpointing(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> None:
+    """Replacement of the old ``_set_gradient_checkpointing``: takes both call forms, routes the blocks."""
+    if "value" in kwargs or (args and isinstance(args[0], torch.nn.Module)):
+        # Old form, reached through `model.apply(partial(model._set_gradient_checkpointing, value=...))`:
+        # once per module, children first. The whole model is handled once, when the root comes.
+        module = args[0] if args else kwargs.get("module")
+        value = kwargs.get("value", args[1] if len(args) > 1 else False)
+        if module is instance:
+            _toggle(instance, bool(value), None, None)
+        return None
+    enable = kwargs.pop("enable", args[0] if args else True)
+    function = kwargs.pop("gradient_checkpointing_func", args[1] if len(args) > 1 else None)
+    _toggle(instance, bool(enable), function, kwargs.get("every_n_layers"))
+    return None
+
+
+# ------------------------------------------------------------------------------------------- toggling
+
+
+def _patch_of(model: torch.nn.Module) -> _Patch:
+    cls = find_checkpointing_class(model)
+    if cls is None or cls not in _PATCHES:  # pragma: no cover - only reachable through the wrappers
+        raise RuntimeError(f"{type(model).__qualname__} is not patched by qwen-ckpt-compat")
+    return _PATCHES[cls]
+
+
+def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
+    """The owners (what the remote code would flag) and the decoder blocks under them, in model order."""
+    owners = checkpointing_owners(model, state.original)
+    names = set(decoder_block_names(model))
+    seen: set = set()
+    blocks = []
+    for owner in owners:
+        for module in owner.modules():
+            if type(module).__name__ in names and id(module) not in seen:
+                seen.add(id(module))
+                blocks.append(module)
+    for owner in owners:
+        state.wrap(type(owner), "__call__", routing.owner_call)
+    for block in blocks:
+        state.wrap(type(block), "__call__", routing.checkpointed_block_call)
+    return owners, blocks
+
+
+def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_layers: Optional[int]) -> routing.CheckpointSettings:
+    noted = _CURRENT_REQUEST.get()
+    defaults = model.__dict__.get(_DEFAULTS_ATTR) or CheckpointRequest()
+    if noted is not None and noted[0] == id(model):
+        request = noted[1].over(defaults)
+    elif function is not None:
+        # `_set_gradient_checkpointing(enable=True, gradient_checkpointing_func=f)` called directly: use `f`.
+        every = every_n_layers or defaults.every_n_layers or 1
+        return routing.CheckpointSettings(function, routing.reentrancy_of(function), every, False, None)
+    else:
+        request = defaults
+    request = request.over(CheckpointRequest(every_n_layers=every_n_layers))
+    kwargs = dict(request.kwargs if request.kwargs is not None else DEFAULT_CHECKPOINT_KWARGS)
+    kwargs.setdefault("use_reentrant", False)  # a dict without it expresses no preference on the mode
+    offload = bool(request.offload)
+    return routing.CheckpointSettings(
+        function=routing.build_checkpoint_function(kwargs, offload),
+        use_reentrant=bool(kwargs["use_reentrant"]),
+        every_n_layers=request.every_n_layers or 1,
+        offload=offload,
+        kwargs=kwargs,
+    )
+
+
+def _toggle(model: torch.nn.Module, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
+    state = _patch_of(model)
+    owners, blocks = _layout(model, state)
+    if not enable:
+        routing.unroute(model, owners, blocks)
+        for owner in owners:
+            state.original(model, owner, value=False)
+        return
+    settings = _settings(model, function, every_n_layers)
+    model.__dict__["_qcc_settings"] = settings
+    if blocks:
+        routing.route(model, owners, blocks, settings)
+        return
+    # No decoder blocks to route (no `_no_split_modules`): the remote code's own, reentrant checkpointing.
+    for owner in owners:
+        state.original(model, owner, value=True)
+    routing.route(model, [], [], replace(settings, use_reentrant=True))
+    if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload:
+        warnings.warn(
+            f"{type(model).__qualname__} names no decoder blocks in `_no_split_modules`, so its remote code "
+            f"checkpoints itself, reentrantly and every layer; {settings.kwargs}, every_n_layers="
+            f"{settings.every_n_layers} and offload={settings.offload} cannot be honoured.",
+            CompatWarning,
+            stacklevel=4,
+        )
+
+
+# ---------------------------------------------------------------------------------------- public API
+
+
+def patch(model: Any) -> Any:
+    """Patches the classes of ``model`` so that every transformers release can checkpoint it.
+
+    Only models whose remote code uses the old ``_set_gradient_checkpointing(self, module, value=False)``
+    form are touched; native transformers models are returned unchanged. If checkpointing was already
+    enabled through the remote code's own path, it is switched over to the routed blocks.
+
+    Args:
+        model (`PreTrainedModel` or `peft.PeftModel`): a loaded model.
+
+    Returns:
+        The same ``model``.
+
+    Raises:
+        `UnsupportedModelError`: ``model`` is not a transformers model (or a peft model around one).
+    """
+    root = unwrap_model(model)
+    cls = find_checkpointing_class(root)
+    if cls is None:
+        return model
+    state = _PATCHES.get(cls)
+    if state is None:
+        state = _Patch(original=cls.__dict__["_set_gradient_checkpointing"])
+        state.wrap(cls, "_set_gradient_checkpointing", _set_gradient_checkpointing)
+        for name in _ENTRY_POINTS:
+            if hasattr(cls, name):
+                state.wrap(cls, name, _note_request)
+        _PATCHES[cls] = state
+    owners, _ = _layout(root, state)
+    if any(owner.__dict__.get(routing.FLAG) for owner in owners):
+        _toggle(root, True, None, None)
+    return model
+
+
+def unpatch(model: Any) -> Any:
+    """Undoes :func:`patch` for the classes of ``model`` and clears this library's state on ``model``.
+
+    The original functions are put back as they were (the same objects). Checkpointing on ``model`` is
+    off afterwards; other instances of the same classes lose their routed checkpointing too.
+
+    Returns:
+        The same ``model``.
+    """
+    root = unwrap_model(model)
+    cls = find_checkpointing_class(root)
+    state = _PATCHES.pop(cls, None) if cls is not None else None
+    routing.clear(root)
+    root.__dict__.pop(_DEFAULTS_ATTR, None)
+    root.__dict__.pop("_qcc_settings", None)
+    if state is not None:
+        state.restore()
+    return model
+
+
+def is_patched(model_or_class: Any) -> bool:
+    """Whether :func:`patch` is in effect for this model (or class)."""
+    if not isinstance(model_or_class, type):
+        model_or_class = unwrap_model(model_or_class)
+    cls = find_checkpointing_class(model_or_class)
+    return cls is not None and cls in _PATCHES
+
+
+def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
+    """Stores what ``model`` checkpoints with when an enable call expresses no preference."""
+    unwrap_model(model).__dict__[_DEFAULTS_ATTR] = request
+
+
+def checkpoint_settings(model: Any) -> Optional[routing.CheckpointSettings]:
+    """The settings routed checkpointing was last enabled with on ``model``, or ``None``."""
+    return unwrap_model(model).__dict__.get("_qcc_settings")

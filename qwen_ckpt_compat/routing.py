@@ -1,0 +1,199 @@
+"""Routes each decoder block of an old remote-code model through the caller's checkpoint function.
+
+Old remote code (Qwen v1 and its era) calls ``torch.utils.checkpoint.checkpoint`` itself, so the function
+transformers builds from the user's kwargs never reaches it. Here the remote model's own checkpointing flag
+stays off, so its forward takes the plain path, and each decoder block checkpoints itself in ``__call__``,
+the way transformers' native ``GradientCheckpointingLayer`` does:
+
+* a block runs ``_gradient_checkpointing_func(partial(block.__call__, **kwargs), *args)`` when its
+  ``gradient_checkpointing`` flag is set, it is training and grad mode is on;
+* the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on and it is
+  training, the duty its forward performs when checkpointing itself.
+
+The ``__call__`` wrappers are installed once per class by :mod:`qwen_ckpt_compat.patching`; the per-instance
+state lives in these attributes (the first two have the same names and meaning as on native layers):
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = ["CheckpointSettings", "build_checkpoint_function", "route", "unroute", "clear"]
+
+logger = logging.getLogger(__name__)
+
+FLAG = "gradient_checkpointing"
+FUNC = "_gradient_checkpointing_func"
+OWNER_FLAG = "_qcc_routes_checkpointing"
+INPUT_GRADS_HOOK = "_qcc_input_grads_hook"
+_WARNED_CACHE = "_qcc_warned_use_cache"
+_SAVED = "_qcc_saved_attributes"  # what a block had under FLAG/FUNC before it was first routed
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """How a model checkpoints its blocks.
+
+    Attributes:
+        function (`Callable`): the checkpoint function, called as ``function(run, *tensors)``.
+        use_reentrant (`bool`, *optional*): the mode it runs in; ``None`` when it cannot be known (a custom
+            function), which is treated as reentrant for the sake of input gradients.
+        every_n_layers (`int`): checkpoint blocks ``0, n, 2n, ...`` and keep the activations of the others.
+        offload (`bool`): the saved block inputs live in (pinned) host memory.
+        kwargs (`dict`): the kwargs given to ``torch.utils.checkpoint.checkpoint``, for display.
+    """
+
+    function: Callable[..., Any]
+    use_reentrant: Optional[bool]
+    every_n_layers: int = 1
+    offload: bool = False
+    kwargs: Optional[dict] = None
+
+
+def _offload_device_type() -> Optional[str]:
+    """The accelerator whose memory offloading frees, or ``None`` on a host without one."""
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
+    current = accelerator.current_accelerator() if accelerator is not None else None
+    if current is not None:
+        return current.type
+    return "cuda" if torch.cuda.is_available() else None
+
+
+def _checkpoint_offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    # Looked up at call time, so that tests (and users) can observe or replace them. Without an accelerator
+    # the tensors already live on the host: nothing is copied and no pinned memory is asked for.
+    device_type = _offload_device_type()
+    options = {"pin_memory": True, "device_type": device_type} if device_type else {"pin_memory": False}
+    with torch.autograd.graph.save_on_cpu(**options):
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+
+def _checkpoint(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
+
+
+def build_checkpoint_function(kwargs: dict, offload: bool = False) -> Callable[..., Any]:
+    """``torch.utils.checkpoint.checkpoint`` with ``kwargs`` bound, optionally under ``save_on_cpu``."""
+    return functools.partial(_checkpoint_offloaded if offload else _checkpoint, **kwargs)
+
+
+def reentrancy_of(function: Callable[..., Any]) -> Optional[bool]:
+    """The ``use_reentrant`` a checkpoint function will pass to torch, when it can be read off a partial."""
+    keywords = getattr(function, "keywords", None)
+    if isinstance(keywords, dict) and "use_reentrant" in keywords:
+        return bool(keywords["use_reentrant"])
+    return None
+
+
+# --------------------------------------------------------------------------------------------- wrappers
+
+
+def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
+    state = instance.__dict__
+    if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()):
+        return wrapped(*args, **kwargs)
+    # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
+    # only, and gradients flow through those (the hidden states come first).
+    return state[FUNC](functools.partial(wrapped, **kwargs), *args)
+
+
+@functools.lru_cache(maxsize=None)
+def _use_cache_position(cls: type) -> Optional[int]:
+    try:
+        parameters = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return None
+    return parameters.index("use_cache") - 1 if "use_cache" in parameters else None  # minus `self`
+
+
+def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed."""
+    if not (instance.__dict__.get(OWNER_FLAG) and instance.training):
+        return wrapped(*args, **kwargs)
+    position = _use_cache_position(type(instance))
+    if position is not None and position < len(args):
+        requested = args[position]
+        args = args[:position] + (False,) + args[position + 1 :]
+    else:
+        requested = kwargs.get("use_cache")
+        kwargs = {**kwargs, "use_cache": False}
+    if requested is None:
+        requested = getattr(getattr(instance, "config", None), "use_cache", False)
+    if requested and not instance.__dict__.get(_WARNED_CACHE):
+        instance.__dict__[_WARNED_CACHE] = True
+        logger.warning("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
+    return wrapped(*args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ per model
+
+
+def _make_inputs_require_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def _set_input_grads(model: torch.nn.Module, wanted: bool) -> None:
+    """Adds (once) or removes this library's input-embedding hook.
+
+    A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then.
+    """
+    theirs = getattr(model, "_require_grads_hook", None) is not None
+    handle = model.__dict__.get(INPUT_GRADS_HOOK)
+    if not wanted or theirs:
+        if handle is not None:
+            handle.remove()
+            del model.__dict__[INPUT_GRADS_HOOK]
+        return
+    if handle is not None:
+        return
+    embeddings = model.get_input_embeddings()
+    model.__dict__[INPUT_GRADS_HOOK] = embeddings.register_forward_hook(_make_inputs_require_grad)
+
+
+def route(
+    model: torch.nn.Module,
+    owners: list[torch.nn.Module],
+    blocks: list[torch.nn.Module],
+    settings: CheckpointSettings,
+) -> None:
+    """Turns routed checkpointing on for ``blocks`` (in model order), with ``settings``."""
+    for owner in owners:
+        owner.__dict__[FLAG] = False  # the remote forward must not call torch's checkpoint itself
+        owner.__dict__[OWNER_FLAG] = True
+    every = max(1, int(settings.every_n_layers))
+    for index, block in enumerate(blocks):
+        block.__dict__.setdefault(_SAVED, {name: block.__dict__[name] for name in (FLAG, FUNC) if name in block.__dict__})
+        block.__dict__[FUNC] = settings.function
+        block.__dict__[FLAG] = index % every == 0
+    # Reentrant checkpointing only propagates gradients to inputs that require them; with a frozen base the
+    # embeddings' output does not, so LoRA weights inside the blocks would get none.
+    _set_input_grads(model, settings.use_reentrant is not False)
+
+
+def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:
+    """Turns routed checkpointing off: the blocks run their plain forward again."""
+    for owner in owners:
+        owner.__dict__[OWNER_FLAG] = False
+    for block in blocks:
+        block.__dict__[FLAG] = False
+    _set_input_grads(model, False)
+
+
+def clear(model: torch.nn.Module) -> None:
+    """Removes every attribute and hook this module put on ``model`` and its submodules."""
+    _set_input_grads(model, False)
+    for module in model.modules():
+        module.__dict__.pop(OWNER_FLAG, None)
+        module.__dict__.pop(_WARNED_CACHE, None)
+        if _SAVED in module.__dict__:
+            saved = module.__dict__.pop(_SAVED)
+            module.__dict__.pop(FLAG, None)
+            module.__dict__.pop(FUNC, None)
+            module.__dict__.update(saved)

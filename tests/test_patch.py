@@ -1,0 +1,158 @@
+"""The class patch: visible signature, both call forms, idempotence, exact restore, side-by-side classes."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import pytest
+import torch
+from helpers import HAS_FALLBACK, blocks, count_block_calls, enable, load_qwen, step_grads
+
+from qwen_ckpt_compat import describe, is_patched, patch, unpatch
+from qwen_ckpt_compat.testing import write_tiny_qwen
+
+
+def _classes(model):
+    pretrained = describe(model).checkpointing_class
+    cls = next(k for k in type(model).__mro__ if k.__qualname__ == pretrained)
+    return cls, type(blocks(model)[0]), type(model.transformer)
+
+
+def test_visible_signature_leads_transformers_onto_the_new_path(qwen):
+    patch(qwen)
+    parameters = inspect.signature(qwen._set_gradient_checkpointing).parameters
+    assert "value" not in parameters
+    assert "enable" in parameters and "gradient_checkpointing_func" in parameters
+    if HAS_FALLBACK:
+        # What transformers >= 4.36 checks before choosing the path that hands over the checkpoint function.
+        assert "value" not in inspect.signature(qwen._set_gradient_checkpointing).parameters
+
+
+@pytest.mark.behaviour("enables")
+def test_new_call_form_reaches_the_routed_blocks(qwen):
+    patch(qwen)
+    calls = []
+
+    def recording_checkpoint(function, *args, **kwargs):
+        calls.append(kwargs)
+        return torch.utils.checkpoint.checkpoint(function, *args, use_reentrant=False)
+
+    qwen._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=recording_checkpoint)
+    step_grads(qwen)
+    assert len(calls) == len(blocks(qwen))
+
+
+@pytest.mark.behaviour("enables")
+def test_old_call_form_through_apply_enables_and_disables(qwen):
+    patch(qwen)
+    qwen.apply(functools.partial(qwen._set_gradient_checkpointing, value=True))
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {2}, "every block runs again in the backward pass"
+    qwen.apply(functools.partial(qwen._set_gradient_checkpointing, value=False))
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {1}
+
+
+def test_future_keywords_are_accepted(qwen):
+    patch(qwen)
+    qwen._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=None, every_n_layers=1, some_later_option=3)
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {2}
+
+
+def test_patch_twice_is_a_silent_noop(qwen, recwarn):
+    patch(qwen)
+    cls, block_cls, owner_cls = _classes(qwen)
+    installed = {k: dict(vars(k)) for k in (cls, block_cls, owner_cls)}
+    patch(qwen)
+    patch(qwen)
+    for klass, before in installed.items():
+        assert dict(vars(klass)) == before
+    assert not [w for w in recwarn if "qwen_ckpt_compat" in str(w.filename)]
+    # The block wrapper wraps the original __call__ once, not itself.
+    assert not hasattr(inspect.getattr_static(block_cls, "__call__").__wrapped__, "__wrapped__")
+
+
+@pytest.mark.behaviour("unpatch")
+def test_unpatch_restores_the_exact_original_objects(qwen):
+    cls, block_cls, owner_cls = _classes(qwen)
+    original = cls.__dict__["_set_gradient_checkpointing"]
+    before = {k: dict(vars(k)) for k in (cls, block_cls, owner_cls)}
+    patch(qwen)
+    assert is_patched(qwen) and is_patched(cls)
+    assert cls.__dict__["_set_gradient_checkpointing"] is not original
+    assert "__call__" in vars(block_cls) and "__call__" in vars(owner_cls)
+    enable(qwen)
+    unpatch(qwen)
+    assert not is_patched(qwen)
+    assert cls.__dict__["_set_gradient_checkpointing"] is original
+    for klass, attributes in before.items():
+        assert dict(vars(klass)) == attributes
+    assert "value" in inspect.signature(qwen._set_gradient_checkpointing).parameters
+    # No state of the library is left on the instance, and the plain forward is back.
+    leftovers = [(n, a) for n, m in qwen.named_modules() for a in vars(m) if a.startswith("_qcc")]
+    assert leftovers == []
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {1}
+
+
+def test_unpatch_of_an_unpatched_model_is_harmless(qwen):
+    cls, _, _ = _classes(qwen)
+    original = cls.__dict__["_set_gradient_checkpointing"]
+    unpatch(qwen)
+    assert cls.__dict__["_set_gradient_checkpointing"] is original
+
+
+def test_several_remote_classes_side_by_side(qwen, tmp_path):
+    other = load_qwen(write_tiny_qwen(tmp_path / "second_tiny_qwen", num_hidden_layers=3))
+    cls_a, cls_b = _classes(qwen)[0], _classes(other)[0]
+    assert cls_a is not cls_b, "two model directories give two remote modules"
+    original_b = cls_b.__dict__["_set_gradient_checkpointing"]
+    patch(qwen)
+    patch(other)
+    assert is_patched(qwen) and is_patched(other)
+    enable(qwen)
+    enable(other)
+    for model, n in ((qwen, 2), (other, 3)):
+        with count_block_calls(model) as counts:
+            step_grads(model)
+        assert len(counts) == n and set(counts.values()) == {2}
+    unpatch(qwen)
+    assert is_patched(other) and not is_patched(qwen)
+    with count_block_calls(other) as counts:
+        step_grads(other)
+    assert set(counts.values()) == {2}
+    unpatch(other)
+    assert cls_b.__dict__["_set_gradient_checkpointing"] is original_b
+
+
+def test_patch_takes_over_checkpointing_enabled_by_the_remote_code(qwen):
+    """Enabled the old way before patching (e.g. on <= 4.34): the remote code's own reentrant path is replaced."""
+    qwen.apply(functools.partial(qwen._set_gradient_checkpointing, value=True))  # the remote method itself
+    assert qwen.transformer.gradient_checkpointing is True
+    patch(qwen)
+    assert qwen.transformer.gradient_checkpointing is False
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {2}
+
+
+def test_native_models_are_left_alone(native_llama):
+    cls = type(native_llama)
+    before = {k: dict(vars(k)) for k in cls.__mro__ if k.__module__.startswith("transformers")}
+    assert patch(native_llama) is native_llama
+    assert not is_patched(native_llama)
+    assert {k: dict(vars(k)) for k in before} == before
+
+
+@pytest.mark.parametrize("bad", [None, "Qwen/Qwen-7B-Chat", 3, torch.nn.Linear(2, 2)])
+def test_patch_rejects_what_is_not_a_model(bad):
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        patch(bad)
+    with pytest.raises(TypeError, match=type(bad).__name__ if bad is not None else "None"):
+        unpatch(bad)
