@@ -15,6 +15,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .loading import _enable_on_import
 
 __all__ = [
     "CheckpointRequest",
@@ -24,7 +25,10 @@ __all__ = [
     "ModelInfo",
     "UnsupportedModelError",
     "__version__",
+    "StreamingUnavailableError",
     "capabilities",
+    "disable_remote_code_loading",
+    "enable_remote_code_loading",
     "checkpoint_settings",
     "describe",
     "is_patched",
@@ -47,12 +51,16 @@ _LAZY = {
     "CompatWarning": "errors",
     "CheckpointingNotSupportedError": "errors",
     "UnsupportedModelError": "errors",
+    "StreamingUnavailableError": "loading",
+    "enable_remote_code_loading": "loading",
+    "disable_remote_code_loading": "loading",
 }
 
 if TYPE_CHECKING:
     from .versions import capabilities
     from .detection import ModelInfo, describe
     from .errors import CheckpointingNotSupportedError, CompatError, CompatWarning, UnsupportedModelError
+    from .loading import StreamingUnavailableError, disable_remote_code_loading, enable_remote_code_loading
     from .lora import prepare_for_lora
     from .patching import CheckpointRequest, checkpoint_settings, is_patched, patch, unpatch
 
@@ -67,3 +75,8 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+# Lets Qwen-style remote code load on transformers >= 4.57 (see qwen_ckpt_compat.loading; narrow, reversible,
+# off with QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1). Cheap: it only registers a post-import hook.
+_enable_on_import()

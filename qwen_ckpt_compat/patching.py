@@ -30,6 +30,7 @@ import wrapt
 from . import routing
 from .detection import checkpointing_owners, decoder_block_names, find_checkpointing_class, unwrap_model
 from .errors import CompatWarning
+from .removed_apis import restore_removed_apis
 
 __all__ = ["CheckpointRequest", "is_patched", "patch", "set_checkpointing_defaults", "unpatch"]
 
@@ -253,6 +254,7 @@ def patch(model: Any) -> Any:
     cls = find_checkpointing_class(root)
     if cls is None:
         return model
+    restore_removed_apis(cls)  # e.g. get_head_mask on transformers >= 5.0, if loaded before the import hook
     state = _PATCHES.get(cls)
     if state is None:
         state = _Patch(original=cls.__dict__["_set_gradient_checkpointing"])

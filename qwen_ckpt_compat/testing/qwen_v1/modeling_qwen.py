@@ -304,9 +304,13 @@ class QWenModel(QWenPreTrainedModel):
         else:
             raise ValueError("You have to specify either input_ids or inputs_embeds")
 
-        # Newer `generate()` hands in a `Cache` object; this model speaks legacy tuples only.
+        # Deliberate tolerance (not a Qwen v1 behaviour): newer `generate()` hands in an empty `Cache`
+        # object on the first step; this model only speaks legacy tuples, which it returns from then on.
         if past_key_values is not None and not isinstance(past_key_values, (tuple, list)):
-            past_key_values = past_key_values.to_legacy_cache() if len(past_key_values) > 0 else None
+            if past_key_values.get_seq_length() > 0:
+                past_key_values = past_key_values.to_legacy_cache()
+            else:
+                past_key_values = None
         if past_key_values is None:
             past_length = 0
             past_key_values = tuple([None] * len(self.h))

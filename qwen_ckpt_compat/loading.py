@@ -1,0 +1,222 @@
+"""Loading Qwen-style remote code on transformers releases that broke it (4.57+ and 5.x).
+
+Qwen v1's ``modeling_qwen.py`` imports ``transformers_stream_generator`` inside ``chat_stream()`` only, yet
+transformers' ``check_imports`` demands that package when the model loads. Installed, the package itself no
+longer imports on transformers >= 4.57 (it needs ``BeamSearchScorer``, then ``DisjunctiveConstraint``, both
+gone from transformers' top level). So these models do not load at all, with or without it.
+
+While enabled (it is, from ``import qwen_ckpt_compat`` on, unless ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1`` is
+set), two functions of ``transformers.dynamic_module_utils`` are wrapped, and only act on *Qwen-style*
+modules, those that import ``transformers_stream_generator`` lazily (inside a function body, never at the top):
+
+* ``check_imports``: when the streaming package cannot be imported, it is left out of the check. Every other
+  import of the file is still checked the way transformers checks it, and import problems of any other package
+  or model are raised as before.
+* ``get_class_in_module``: a loaded Qwen-style class gets the APIs transformers removed that its code calls
+  (see :mod:`qwen_ckpt_compat.removed_apis`), and ``chat_stream()`` raises
+  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work.
+
+Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
+:func:`disable_remote_code_loading` restores the original functions; :func:`enable_remote_code_loading` is the
+explicit API for users who set the environment variable.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import functools
+import importlib
+import logging
+import os
+import sys
+from typing import Any, Iterator, Optional
+
+import wrapt
+
+from .errors import CompatError
+
+__all__ = [
+    "StreamingUnavailableError",
+    "disable_remote_code_loading",
+    "enable_remote_code_loading",
+    "is_remote_code_loading_enabled",
+    "remote_code_loading_disabled",
+    "stream_generator_problem",
+]
+
+logger = logging.getLogger(__name__)
+
+STREAM_PACKAGE = "transformers_stream_generator"
+_TARGET = "transformers.dynamic_module_utils"
+_NO_IMPORT_HOOK_ENV = "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK"
+_state = {"enabled": False, "hook_registered": False}
+_wrapped: dict = {}  # name -> original function of transformers.dynamic_module_utils
+
+
+class StreamingUnavailableError(CompatError, ImportError):
+    """``chat_stream()`` needs ``transformers_stream_generator``, which cannot work with this transformers."""
+
+
+def stream_generator_problem() -> Optional[str]:
+    """Why ``transformers_stream_generator`` cannot be used here, or ``None`` when it imports fine."""
+    try:
+        importlib.import_module(STREAM_PACKAGE)
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] == STREAM_PACKAGE:
+            return f"{STREAM_PACKAGE} is not installed"
+        return f"{STREAM_PACKAGE} does not import: {error}"
+    except ImportError as error:
+        return f"{STREAM_PACKAGE} does not import: {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _lazily_imported(filename: str, mtime: float) -> frozenset:
+    """Top-level package names imported inside function bodies and nowhere at module level."""
+    with open(filename, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), filename)
+    inside, outside = set(), set()
+
+    def names(node: ast.AST) -> set:
+        if isinstance(node, ast.Import):
+            return {alias.name.split(".")[0] for alias in node.names}
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            return {node.module.split(".")[0]}
+        return set()
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            (inside if nested else outside).update(names(child))
+            visit(child, nested)
+
+    visit(tree, False)
+    return frozenset(inside - outside)
+
+
+def is_qwen_style_module(filename: Optional[str]) -> bool:
+    """Whether a remote-code file imports ``transformers_stream_generator`` lazily, as Qwen v1's does."""
+    if not filename or not filename.endswith(".py") or not os.path.isfile(filename):
+        return False
+    return STREAM_PACKAGE in _lazily_imported(filename, os.path.getmtime(filename))
+
+
+# ------------------------------------------------------------------------------------------- wrappers
+
+
+def _check_imports(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    filename = str(args[0] if args else kwargs["filename"])
+    if not is_qwen_style_module(filename):
+        return wrapped(*args, **kwargs)
+    problem = stream_generator_problem()
+    if problem is None:
+        return wrapped(*args, **kwargs)
+    # The same check as transformers', for every import of the file but the lazily imported streaming package.
+    module = sys.modules[_TARGET]
+    missing = []
+    for name in module.get_imports(filename):
+        if name == STREAM_PACKAGE:
+            continue
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name and error.name.split(".")[0] != name.split(".")[0]:
+                raise  # the package is there but one of its own imports is missing: not hidden
+            missing.append(name)
+    if missing:
+        raise ImportError(
+            "This modeling file requires the following packages that were not found in your environment: "
+            f"{', '.join(missing)}. Run `pip install {' '.join(missing)}`"
+        )
+    logger.info("Loading %s without %s (%s); chat_stream() is unavailable.", filename, STREAM_PACKAGE, problem)
+    return module.get_relative_imports(filename)
+
+
+def _stream_unavailable(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    problem = stream_generator_problem()
+    if problem is None:
+        return wrapped(*args, **kwargs)
+    from .versions import installed_version
+
+    owner = type(instance).__qualname__ if instance is not None else "chat_stream"
+    raise StreamingUnavailableError(
+        f"{owner}.chat_stream() needs {STREAM_PACKAGE}, which cannot work here: {problem}. That package was "
+        f"written for transformers <= 4.56 (installed: {installed_version('transformers')}); on 4.57 and later it "
+        "fails to import (BeamSearchScorer, DisjunctiveConstraint were removed). Use model.chat(...) instead, or "
+        "stream with model.generate(..., streamer=transformers.TextIteratorStreamer(tokenizer))."
+    )
+
+
+def _get_class_in_module(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    cls = wrapped(*args, **kwargs)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    if isinstance(cls, type) and is_qwen_style_module(getattr(module, "__file__", None)):
+        prepare_remote_class(cls)
+    return cls
+
+
+def prepare_remote_class(cls: type) -> None:
+    """Gives a loaded Qwen-style class the removed APIs it calls and a clear ``chat_stream()`` error."""
+    from .removed_apis import restore_removed_apis
+
+    restore_removed_apis(cls)
+    chat_stream = cls.__dict__.get("chat_stream")
+    if chat_stream is not None and not isinstance(chat_stream, wrapt.FunctionWrapper):
+        wrapt.wrap_function_wrapper(cls, "chat_stream", _stream_unavailable)
+
+
+# ----------------------------------------------------------------------------------------- switching
+
+
+def _install(module: Any) -> None:
+    if not _state["enabled"] or _wrapped:
+        return
+    for name, wrapper in (("check_imports", _check_imports), ("get_class_in_module", _get_class_in_module)):
+        _wrapped[name] = module.__dict__[name]
+        wrapt.wrap_function_wrapper(module, name, wrapper)
+
+
+def enable_remote_code_loading() -> None:
+    """Lets Qwen-style remote code load on every transformers release (idempotent).
+
+    Takes effect now if transformers' dynamic-module utilities are imported, else as soon as they are.
+    """
+    _state["enabled"] = True
+    if _TARGET in sys.modules:
+        _install(sys.modules[_TARGET])
+    elif not _state["hook_registered"]:
+        _state["hook_registered"] = True
+        wrapt.register_post_import_hook(_install, _TARGET)
+
+
+def disable_remote_code_loading() -> None:
+    """Puts transformers' original ``check_imports`` and ``get_class_in_module`` back (idempotent)."""
+    _state["enabled"] = False
+    module = sys.modules.get(_TARGET)
+    for name, original in list(_wrapped.items()):
+        if module is not None:
+            setattr(module, name, original)
+        del _wrapped[name]
+
+
+def is_remote_code_loading_enabled() -> bool:
+    """Whether :func:`enable_remote_code_loading` is in effect."""
+    return _state["enabled"]
+
+
+@contextlib.contextmanager
+def remote_code_loading_disabled() -> Iterator[None]:
+    """Context manager: transformers' own loading behaviour inside, the previous state afterwards."""
+    was_enabled = _state["enabled"]
+    disable_remote_code_loading()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            enable_remote_code_loading()
+
+
+def _enable_on_import() -> None:
+    if os.environ.get(_NO_IMPORT_HOOK_ENV, "").strip().lower() not in ("1", "true", "yes"):
+        enable_remote_code_loading()
