@@ -10,7 +10,13 @@ from typing import Any, Optional
 from .versions import capabilities
 from .detection import is_old_checkpointing_api, unwrap_model
 from .errors import CheckpointingNotSupportedError, CompatWarning
-from .patching import DEFAULT_CHECKPOINT_KWARGS, CheckpointRequest, patch, set_checkpointing_defaults
+from .patching import (
+    DEFAULT_CHECKPOINT_KWARGS,
+    CheckpointRequest,
+    enable_routed_checkpointing,
+    patch,
+    set_checkpointing_defaults,
+)
 
 __all__ = ["prepare_for_lora"]
 
@@ -85,9 +91,9 @@ def prepare_for_lora(
         patch(root)
         set_checkpointing_defaults(root, request)
         if use_gradient_checkpointing:
-            _call_enable(root, request, warn_unsupported=False)
+            enable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
-        _call_enable(root, request, warn_unsupported=True)
+        _call_enable(root, request)
         if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
     config = getattr(root, "config", None)
@@ -111,7 +117,7 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
     )
 
 
-def _call_enable(root: Any, request: CheckpointRequest, *, warn_unsupported: bool) -> None:
+def _call_enable(root: Any, request: CheckpointRequest) -> None:
     """Calls the installed transformers' enable method with the options its signature takes."""
     enable = getattr(root, capabilities().enable_method_name)
     parameters = inspect.signature(enable).parameters
@@ -129,7 +135,7 @@ def _call_enable(root: Any, request: CheckpointRequest, *, warn_unsupported: boo
             arguments[name] = value
         else:
             unsupported.append(f"{name}={value}")
-    if warn_unsupported and unsupported:
+    if unsupported:
         warnings.warn(
             f"transformers {capabilities().transformers}'s {type(root).__qualname__}.{enable.__name__}() does not take "
             f"{', '.join(unsupported)}; transformers' own behaviour applies instead (every layer, reentrant "

@@ -297,6 +297,15 @@ def is_patched(model_or_class: Any) -> bool:
     return cls is not None and cls in _PATCHES
 
 
+def enable_routed_checkpointing(model: Any) -> None:
+    """Enables checkpointing on a patched model with its defaults, without going through transformers.
+
+    What ``gradient_checkpointing_enable()`` does once patched, minus what transformers adds around it (on 5.x
+    another input-embedding hook per call).
+    """
+    _toggle(unwrap_model(model), True, None, None)
+
+
 def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
     """Stores what ``model`` checkpoints with when an enable call expresses no preference."""
     unwrap_model(model).__dict__[_DEFAULTS_ATTR] = request

@@ -84,10 +84,36 @@ def _lora(model):
     return get_peft_model(model, config)
 
 
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    """This file's own model directory.
+
+    Its own folder name gives it its own `transformers_modules.*` module, so classes that other test files
+    loaded (and the library patched) from the session-wide `tiny_qwen_dir` are never reused here.
+    """
+    return write_tiny_qwen(tmp_path_factory.mktemp("faithful_qwen"))
+
+
+@pytest.fixture(autouse=True)
+def transformers_own_loader(monkeypatch):
+    """Transformers' own `check_imports` / `get_class_in_module` during each test.
+
+    Importing the `qwen_ckpt_compat` package may wrap them process-wide; these tests pin down what
+    transformers itself does, so any wrapper (anything with `__wrapped__`) is peeled off for the test.
+    """
+    import transformers.dynamic_module_utils as dynamic_module_utils
+
+    for name in ("check_imports", "get_class_in_module"):
+        current = getattr(dynamic_module_utils, name)
+        original = inspect.unwrap(current)
+        if original is not current:
+            monkeypatch.setattr(dynamic_module_utils, name, original)
+
+
 @pytest.fixture
-def model(tiny_qwen_dir):
+def model(qwen_dir):
     """A fresh float32 tiny Qwen v1, loaded through the user's door."""
-    return load_tiny_qwen(tiny_qwen_dir)
+    return load_tiny_qwen(qwen_dir)
 
 
 @pytest.fixture
@@ -101,12 +127,12 @@ def no_import_check(monkeypatch):
 # --- the directory itself (every release) -----------------------------------------------------------------
 
 
-def test_directory_holds_remote_code_config_and_weights(tiny_qwen_dir):
-    names = {p.name for p in Path(tiny_qwen_dir).iterdir()}
+def test_directory_holds_remote_code_config_and_weights(qwen_dir):
+    names = {p.name for p in Path(qwen_dir).iterdir()}
     assert set(REMOTE_CODE_FILES) | {"config.json", "model.safetensors"} <= names
     assert not (REMOTE_CODE_DIR / "__init__.py").exists()  # a data folder, not a package
 
-    config = json.loads((Path(tiny_qwen_dir) / "config.json").read_text())
+    config = json.loads((Path(qwen_dir) / "config.json").read_text())
     assert config["architectures"] == ["QWenLMHeadModel"]
     assert config["model_type"] == "qwen"
     assert config["auto_map"] == {
@@ -139,10 +165,15 @@ def test_weights_come_from_torch_alone_and_are_deterministic(tmp_path):
     assert child != (tmp_path / "other" / "model.safetensors").read_bytes()
 
 
-def test_byte_level_tokenizer_round_trips(tiny_qwen_dir):
+def test_session_fixture_is_the_same_model(tiny_qwen_dir, qwen_dir):
+    for name in ("config.json", "model.safetensors", *REMOTE_CODE_FILES):
+        assert (Path(tiny_qwen_dir) / name).read_bytes() == (Path(qwen_dir) / name).read_bytes(), name
+
+
+def test_byte_level_tokenizer_round_trips(qwen_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir, trust_remote_code=True)
     assert type(tokenizer).__module__.startswith("transformers_modules.")
     ids = tokenizer("héllo<|im_end|>")["input_ids"]
     assert ids == list("h".encode()) + list("é".encode()) + list(b"llo") + [tokenizer.im_end_id]
@@ -155,8 +186,8 @@ def test_byte_level_tokenizer_round_trips(tiny_qwen_dir):
 
 
 @pytest.mark.skipif(not LOADS, reason=WHY_NOT_LOADS)
-def test_loads_offline_as_remote_code_without_missing_keys(tiny_qwen_dir):
-    model, info = load_tiny_qwen(tiny_qwen_dir, output_loading_info=True)
+def test_loads_offline_as_remote_code_without_missing_keys(qwen_dir):
+    model, info = load_tiny_qwen(qwen_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert not info["error_msgs"]
     assert type(model).__name__ == "QWenLMHeadModel"
@@ -187,9 +218,9 @@ def test_forward_with_labels_gives_the_shifted_cross_entropy(model):
 
 
 @pytest.mark.skipif(not LOADS, reason=WHY_NOT_LOADS)
-def test_two_loads_give_identical_logits(tiny_qwen_dir):
+def test_two_loads_give_identical_logits(qwen_dir):
     input_ids = _batch()
-    first, second = (load_tiny_qwen(tiny_qwen_dir).eval() for _ in range(2))
+    first, second = (load_tiny_qwen(qwen_dir).eval() for _ in range(2))
     with torch.no_grad():
         assert torch.equal(first(input_ids).logits, second(input_ids).logits)
 
@@ -211,10 +242,10 @@ def test_greedy_generate_matches_uncached_argmax(model):
 
 
 @pytest.mark.skipif(not GENERATES, reason="generate() is only promised up to transformers 4.55")
-def test_chat_returns_a_reply_and_history(model, tiny_qwen_dir):
+def test_chat_returns_a_reply_and_history(model, qwen_dir):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_qwen_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(qwen_dir, trust_remote_code=True)
     response, history = model.eval().chat(tokenizer, "hi", history=None, max_new_tokens=4)
     assert isinstance(response, str) and history == [("hi", response)]
 
@@ -223,12 +254,12 @@ def test_chat_returns_a_reply_and_history(model, tiny_qwen_dir):
 
 
 @pytest.mark.skipif(not ENABLE_WORKS, reason="enabling only works on <= 4.34.1 and on 4.36-4.56")
-def test_enable_checkpoints_every_block_reentrantly(tiny_qwen_dir):
+def test_enable_checkpoints_every_block_reentrantly(qwen_dir):
     input_ids = _batch()
-    reference = load_tiny_qwen(tiny_qwen_dir)
+    reference = load_tiny_qwen(qwen_dir)
     _train_step(reference, input_ids)
 
-    model = load_tiny_qwen(tiny_qwen_dir)
+    model = load_tiny_qwen(qwen_dir)
     model.gradient_checkpointing_enable()
     assert model.transformer.gradient_checkpointing is True
     counts, handles = _count_block_calls(model)
@@ -295,21 +326,21 @@ def test_lora_enable_before_get_peft_model_trains_lora(model):
 
 
 @pytest.mark.skipif(not IMPORT_BREAKS, reason="needs transformers >= 4.57 with transformers_stream_generator")
-def test_stream_generator_import_breaks_loading(tiny_qwen_dir):
+def test_stream_generator_import_breaks_loading(qwen_dir):
     missing = "BeamSearchScorer" if TF < version.parse("5.0") else "DisjunctiveConstraint"
     with pytest.raises(ImportError, match=f"cannot import name '{missing}' from 'transformers'"):
-        load_tiny_qwen(tiny_qwen_dir)
+        load_tiny_qwen(qwen_dir)
 
 
 @pytest.mark.skipif(not (IMPORT_BREAKS and not NO_HEAD_MASK), reason="only transformers 4.57.x")
-def test_4_57_works_once_the_import_check_is_bypassed(tiny_qwen_dir, no_import_check):
-    model = load_tiny_qwen(tiny_qwen_dir)
+def test_4_57_works_once_the_import_check_is_bypassed(qwen_dir, no_import_check):
+    model = load_tiny_qwen(qwen_dir)
     assert torch.isfinite(model(input_ids=_batch(), labels=_batch()).loss)
 
 
 @pytest.mark.skipif(not (HAS_STREAM_GENERATOR and NO_HEAD_MASK), reason="only transformers >= 5.0")
-def test_5x_forward_fails_on_get_head_mask_once_loaded(tiny_qwen_dir, no_import_check):
-    model, info = load_tiny_qwen(tiny_qwen_dir, output_loading_info=True)
+def test_5x_forward_fails_on_get_head_mask_once_loaded(qwen_dir, no_import_check):
+    model, info = load_tiny_qwen(qwen_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with pytest.raises(AttributeError, match="'QWenModel' object has no attribute 'get_head_mask'"):
         model(input_ids=_batch(), labels=_batch())
@@ -318,8 +349,8 @@ def test_5x_forward_fails_on_get_head_mask_once_loaded(tiny_qwen_dir, no_import_
 @pytest.mark.skipif(
     not (HAS_STREAM_GENERATOR and TF >= version.parse("5.23")), reason="the deprecated alias arrives in 5.23"
 )
-def test_5x_enable_is_a_deprecated_alias_that_takes_the_old_path(tiny_qwen_dir, no_import_check):
-    model = load_tiny_qwen(tiny_qwen_dir)
+def test_5x_enable_is_a_deprecated_alias_that_takes_the_old_path(qwen_dir, no_import_check):
+    model = load_tiny_qwen(qwen_dir)
     with pytest.warns(FutureWarning, match="`gradient_checkpointing_enable` is deprecated"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert model.transformer.gradient_checkpointing is True
@@ -330,6 +361,6 @@ def test_5x_enable_is_a_deprecated_alias_that_takes_the_old_path(tiny_qwen_dir, 
 
 
 @pytest.mark.skipif(HAS_STREAM_GENERATOR, reason="transformers_stream_generator is installed")
-def test_loading_requires_transformers_stream_generator(tiny_qwen_dir):
+def test_loading_requires_transformers_stream_generator(qwen_dir):
     with pytest.raises(ImportError, match="not found in your environment: transformers_stream_generator"):
-        load_tiny_qwen(tiny_qwen_dir)
+        load_tiny_qwen(qwen_dir)

@@ -72,7 +72,7 @@ def test_calling_it_again_is_harmless(qwen):
     assert _input_hooks(qwen) == 1
     block_call = inspect.getattr_static(type(blocks(qwen)[0]), "__call__")
     set_gc = inspect.getattr_static(qwen, "_set_gradient_checkpointing")
-    peft_model = lora(qwen)
+    peft_model = lora(qwen)  # peft adds transformers' input hook here, and ours goes at the next prepare
     prepare_for_lora(peft_model, gradient_checkpointing_kwargs={"use_reentrant": True})
     prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": True})
     assert _input_hooks(qwen) == 1, "one hook on the input embeddings: peft's, or ours, not both"
