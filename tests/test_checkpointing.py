@@ -86,41 +86,44 @@ def test_explicit_kwargs_win_over_prepared_defaults(qwen):
     assert reentrant_in_effect(qwen) is False
 
 
-@pytest.mark.behaviour("every_n_layers")
-def test_every_n_layers_checkpoints_only_those_blocks(tiny_qwen_dir, tmp_path):
+@pytest.fixture
+def four_blocks(tmp_path):
+    """A tiny Qwen v1 model with four decoder blocks (unpatched afterwards)."""
     from helpers import load_qwen
 
     from qwen_ckpt_compat import unpatch
     from qwen_ckpt_compat.testing import write_tiny_qwen
 
-    model = load_qwen(write_tiny_qwen(tmp_path / "four_layers", num_hidden_layers=4))
-    try:
-        prepare_for_lora(model, every_n_layers=2)
-        with count_block_calls(model) as counts:
-            step_grads(model)
-        assert [counts[i] for i in range(4)] == [2, 1, 2, 1]
-    finally:
-        unpatch(model)
+    model = load_qwen(write_tiny_qwen(tmp_path / "four_blocks", num_hidden_layers=4))
+    yield model
+    unpatch(model)
+
+
+def _runs_per_block(model) -> list:
+    with count_block_calls(model) as counts:
+        step_grads(model)
+    return [counts[i] for i in range(4)]
 
 
 @pytest.mark.behaviour("every_n_layers")
-def test_every_n_layers_through_transformers_api_where_it_exists(tmp_path):
-    from helpers import load_qwen
+def test_every_n_layers_checkpoints_only_those_blocks(four_blocks):
+    prepare_for_lora(four_blocks, every_n_layers=2)
+    assert _runs_per_block(four_blocks) == [2, 1, 2, 1]
+    enable(four_blocks)  # a later enable without options keeps the prepared choice
+    assert _runs_per_block(four_blocks) == [2, 1, 2, 1]
 
-    from qwen_ckpt_compat import capabilities, unpatch
-    from qwen_ckpt_compat.testing import write_tiny_qwen
+
+@pytest.mark.behaviour("every_n_layers")
+def test_every_n_layers_through_transformers_api_where_it_exists(four_blocks):
+    from qwen_ckpt_compat import capabilities
 
     if not capabilities().every_n_layers:
         pytest.skip(f"transformers {capabilities().transformers} has no every_n_layers")
-    model = load_qwen(write_tiny_qwen(tmp_path / "four_layers", num_hidden_layers=4))
-    try:
-        patch(model)
-        enable(model, every_n_layers=2)
-        with count_block_calls(model) as counts:
-            step_grads(model)
-        assert [counts[i] for i in range(4)] == [2, 1, 2, 1]
-    finally:
-        unpatch(model)
+    patch(four_blocks)
+    enable(four_blocks, every_n_layers=2)
+    assert _runs_per_block(four_blocks) == [2, 1, 2, 1]
+    enable(four_blocks, every_n_layers=3)
+    assert _runs_per_block(four_blocks) == [2, 1, 1, 2]
 
 
 @pytest.mark.behaviour("offload")
