@@ -61,7 +61,8 @@ def _grad_fn_entering_ln_f(model, input_ids: torch.Tensor) -> str:
     """Name of the autograd node that produced the hidden state fed to `ln_f` (after the last block)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     seen = []
-    handle = base.transformer.ln_f.register_forward_pre_hook(lambda module, args: seen.append(args[0].grad_fn))
+    hook = base.transformer.ln_f.register_forward_pre_hook
+    handle = hook(lambda module, args: seen.append(args[0].grad_fn))
     try:
         _train_step(model, input_ids)
     finally:
@@ -210,7 +211,8 @@ def test_forward_with_labels_gives_the_shifted_cross_entropy(model):
     out = model(input_ids=input_ids, labels=input_ids)
     assert torch.isfinite(out.loss)
     assert out.logits.shape == (2, 12, 256)
-    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, 256), input_ids[:, 1:].reshape(-1))
+    logits, targets = out.logits[:, :-1].reshape(-1, 256), input_ids[:, 1:].reshape(-1)
+    expected = torch.nn.functional.cross_entropy(logits, targets)
     torch.testing.assert_close(out.loss, expected)
     # Legacy cache: one (key, value) tuple per layer.
     assert isinstance(out.past_key_values, tuple) and len(out.past_key_values) == 2
@@ -276,11 +278,14 @@ def test_enable_checkpoints_every_block_reentrantly(qwen_dir):
 
 @pytest.mark.skipif(not (LOADS and ENABLE_TYPE_ERROR), reason="only transformers 4.35.x")
 def test_enable_raises_type_error_on_4_35(model):
-    with pytest.raises(TypeError, match=r"_set_gradient_checkpointing\(\) got an unexpected keyword argument 'enable'"):
+    message = r"_set_gradient_checkpointing\(\) got an unexpected keyword argument 'enable'"
+    with pytest.raises(TypeError, match=message):
         model.gradient_checkpointing_enable()
 
 
-@pytest.mark.skipif(not (LOADS and SIGNATURE_FALLBACK), reason="gradient_checkpointing_kwargs exist from 4.36")
+@pytest.mark.skipif(
+    not (LOADS and SIGNATURE_FALLBACK), reason="gradient_checkpointing_kwargs exist from 4.36"
+)
 def test_use_reentrant_false_is_silently_ignored(model, caplog):
     transformers.utils.logging.enable_propagation()
     try:

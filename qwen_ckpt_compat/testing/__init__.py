@@ -2,10 +2,10 @@
 
 The remote-code files in ``qwen_v1/`` are an independent re-implementation of the interface of the Qwen v1
 (Qwen-7B/14B-Chat) remote code: the same class and module names, the old
-``_set_gradient_checkpointing(module, value=False)`` hook, the reentrant ``torch.utils.checkpoint.checkpoint``
-call without ``use_reentrant``, ``get_head_mask``, legacy tuple caches and the ``transformers_stream_generator``
-import in ``chat_stream``. So the tiny model fails exactly where the real one does, in a few milliseconds and
-without the Hub:
+``_set_gradient_checkpointing(module, value=False)`` hook, the reentrant
+``torch.utils.checkpoint.checkpoint`` call without ``use_reentrant``, ``get_head_mask``, legacy tuple caches
+and the ``transformers_stream_generator`` import in ``chat_stream``. So the tiny model fails exactly where the
+real one does, in a few milliseconds and without the Hub:
 
 ```python
 from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
@@ -124,7 +124,8 @@ def _state_dict(config: Dict[str, Any], seed: int) -> Dict[str, torch.Tensor]:
         tensors[prefix + "attn.c_attn.bias"] = normal(3 * projection)
         tensors[prefix + "attn.c_proj.weight"] = normal(hidden, projection)
         tensors[prefix + "ln_2.weight"] = torch.ones(hidden)
-        for name, (rows, cols) in (("w1", (width, hidden)), ("w2", (width, hidden)), ("c_proj", (hidden, width))):
+        mlp_shapes = {"w1": (width, hidden), "w2": (width, hidden), "c_proj": (hidden, width)}
+        for name, (rows, cols) in mlp_shapes.items():
             tensors[f"{prefix}mlp.{name}.weight"] = normal(rows, cols)
             if with_bias:
                 tensors[f"{prefix}mlp.{name}.bias"] = normal(rows)

@@ -548,7 +548,8 @@ class QWenLMHeadModel(QWenPreTrainedModel):
         input_ids, processors = self._chat_inputs(tokenizer, query, history, system, stop_words_ids, generation_config)
         self.__class__.generate_stream = NewGenerationMixin.generate
         self.__class__.sample_stream = NewGenerationMixin.sample_stream
-        stream_config = StreamGenerationConfig(**generation_config.to_dict(), do_stream=True)
+        # transformers_stream_generator only streams in sampling mode.
+        stream_config = StreamGenerationConfig(**{**generation_config.to_dict(), "do_sample": True}, do_stream=True)
 
         def stream_generator():
             generated: List[int] = []
