@@ -23,11 +23,11 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
-@pytest.fixture(autouse=True)
-def _record_behaviour(request: pytest.FixtureRequest, record_property) -> None:
-    """Writes each test's `behaviour` marker into the JUnit report, for docs/compatibility.md."""
-    for mark in request.node.iter_markers("behaviour"):
-        record_property("behaviour", mark.args[0])
+def pytest_collection_modifyitems(items: list) -> None:
+    """Writes each test's `behaviour` marker into the JUnit report (skipped tests too), for docs/compatibility.md."""
+    for item in items:
+        for mark in item.iter_markers("behaviour"):
+            item.user_properties.append(("behaviour", mark.args[0]))
 
 
 @pytest.fixture

@@ -1,0 +1,193 @@
+"""Write docs/compatibility.md from the matrix's JUnit reports.
+
+    nox && nox -s table
+    python tools/compat_table.py --reports reports --constraints constraints --output docs/compatibility.md
+
+Each ``constraints/<row-id>.txt`` is one matrix row; its tests wrote ``reports/<row-id>.xml`` (and
+``reports/<row-id>+<variant>.xml`` for variants such as ``+no-tsg``). Every test carries
+``@pytest.mark.behaviour("<column>")``, which tests/conftest.py records as the JUnit property
+``behaviour``. A cell is ``yes`` when all of the column's tests passed, ``no`` when one failed,
+``xfail`` for a known (strict xfail) failure, ``n/a`` when all were skipped, ``—`` with no test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+COMMAND = "nox && nox -s table"
+BEHAVIOURS = (
+    "loads",
+    "enables",
+    "kwargs",
+    "lora_grads",
+    "grads_equal",
+    "trainer",
+    "every_n_layers",
+    "offload",
+    "unpatch",
+)
+COMPANIONS = ("peft", "accelerate", "tokenizers", "huggingface-hub")
+VARIANTS = {"no-tsg": "without transformers_stream_generator"}
+
+
+@dataclass
+class Case:
+    name: str
+    behaviour: str | None
+    outcome: str  # passed | failed | xfailed | skipped
+    message: str = ""
+
+
+@dataclass
+class Notes:
+    """Numbered footnotes, one per distinct text."""
+
+    texts: list[str] = field(default_factory=list)
+
+    def ref(self, text: str) -> str:
+        if text not in self.texts:
+            self.texts.append(text)
+        return f"[^{self.texts.index(text) + 1}]"
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a constraints file, by normalised name."""
+    pins: dict[str, str] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;#]+)", line)
+        if match:
+            pins[_normalise(match.group(1))] = match.group(2)
+    return pins
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version))
+
+
+def _first_line(text: str | None, limit: int = 240) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def read_cases(path: Path) -> list[Case]:
+    """The test cases of one JUnit XML report (pytest, any junit_family)."""
+    cases = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        behaviour = next(
+            (p.get("value") for p in case.iter("property") if p.get("name") == "behaviour"), None
+        )
+        name = ".".join(filter(None, (case.get("classname"), case.get("name"))))
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error"):
+                outcome, message = "failed", child.get("message") or child.text or child.tag
+                break
+            if child.tag == "skipped":
+                xfail = child.get("type") == "pytest.xfail"
+                outcome = "xfailed" if xfail else "skipped"
+                message = child.get("message") or child.text or ""
+        cases.append(Case(name, behaviour, outcome, _first_line(message)))
+    return cases
+
+
+def cell(cases: list[Case], notes: Notes) -> str:
+    """One behaviour column of one row."""
+    if not cases:
+        return "—"
+    by_outcome: dict[str, list[Case]] = {}
+    for case in cases:
+        by_outcome.setdefault(case.outcome, []).append(case)
+    if "failed" in by_outcome:
+        first = by_outcome["failed"][0]
+        return "**no** " + notes.ref(f"failed: `{first.name}`: {first.message}")
+    if "xfailed" in by_outcome:
+        reasons = sorted({c.message for c in by_outcome["xfailed"]})
+        return "xfail " + " ".join(notes.ref(f"known failure (strict xfail): {r}") for r in reasons)
+    if "passed" in by_outcome:
+        return "yes"
+    reasons = sorted({c.message for c in by_outcome["skipped"]})
+    return "n/a " + " ".join(notes.ref(f"skipped: {r}") for r in reasons)
+
+
+def summary(cases: list[Case]) -> str:
+    counts = {o: sum(c.outcome == o for c in cases) for o in ("passed", "failed", "xfailed", "skipped")}
+    return ", ".join(f"{n} {o}" for o, n in counts.items() if n) or "no tests"
+
+
+def render(reports: Path, constraints: Path, torch: str) -> str:
+    rows = sorted(
+        ((path.stem, read_pins(path)) for path in constraints.glob("*.txt")),
+        key=lambda row: _version_key(row[1].get("transformers", "0")),
+    )
+    notes = Notes()
+    head = ["row", "transformers", *(c.replace("-", "_") for c in COMPANIONS), "torch", *BEHAVIOURS, "tests"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    unknown: set[str] = set()
+    for row_id, pins in rows:
+        variants = [reports / f"{row_id}.xml", *sorted(reports.glob(f"{row_id}+*.xml"))]
+        for report in variants:
+            variant = report.stem.partition("+")[2]
+            label = f"`{row_id}`" + (f" ({VARIANTS.get(variant, variant)})" if variant else "")
+            versions = [pins.get("transformers", "?"), *(pins.get(c, "—") for c in COMPANIONS), torch]
+            if not report.is_file():
+                if variant:
+                    continue
+                note = notes.ref(f"no report in {reports.name}/: the row's session did not run")
+                lines.append(
+                    "| " + " | ".join([label, *versions, *["not run"] * len(BEHAVIOURS), note]) + " |"
+                )
+                continue
+            cases = read_cases(report)
+            unknown |= {c.behaviour for c in cases if c.behaviour and c.behaviour not in BEHAVIOURS}
+            cells = [cell([c for c in cases if c.behaviour == b], notes) for b in BEHAVIOURS]
+            lines.append("| " + " | ".join([label, *versions, *cells, summary(cases)]) + " |")
+    if unknown:
+        print(f"warning: behaviours with no column: {sorted(unknown)}", file=sys.stderr)
+
+    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Compatibility with transformers releases",
+        "",
+        f"Generated {now} by `{COMMAND}` (tools/compat_table.py over reports/*.xml).",
+        "Each row is one nox matrix session: that transformers release with the companions PyPI had",
+        f"the day after it came out, pinned in `constraints/<row>.txt`, and torch {torch} (CPU).",
+        "",
+        "Cells: **yes** = every test of that behaviour passed; **no** = at least one failed;",
+        "**xfail** = a known failure (strict xfail, reason in the note); **n/a** = skipped on this",
+        "row (reason in the note); **—** = no test for it.",
+        "",
+        *lines,
+        "",
+    ]
+    out += [f"[^{i}]: {text}" for i, text in enumerate(notes.texts, 1)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reports", type=Path, default=Path("reports"))
+    parser.add_argument("--constraints", type=Path, default=Path("constraints"))
+    parser.add_argument("--output", type=Path, default=Path("docs/compatibility.md"))
+    parser.add_argument("--torch", default="2.13.0", help="the torch every row installs")
+    args = parser.parse_args(argv)
+    if not any(args.reports.glob("*.xml")):
+        print(f"no reports in {args.reports}/: run `nox` first", file=sys.stderr)
+        return 1
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(render(args.reports, args.constraints, args.torch), encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
