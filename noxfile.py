@@ -304,8 +304,6 @@ def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool 
             f"--junitxml={REPORTS / f'{report_name}.xml'}",
             "-o",
             f"junit_suite_name={report_name}",
-            "-o",  # record_property (tests/conftest.py) warns under pytest's default xunit2
-            "junit_family=xunit1",
             *session.posargs,
             env=env,
         )

@@ -14,7 +14,8 @@ modules, those that import ``transformers_stream_generator`` lazily (inside a fu
   or model are raised as before.
 * ``get_class_in_module``: a loaded Qwen-style class gets the APIs transformers removed that its code calls
   (see :mod:`qwen_ckpt_compat.removed_apis`), and ``chat_stream()`` raises
-  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work.
+  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work (it does
+  not import, or it imports but this transformers lacks the generation internals it calls: 4.41 and later).
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
 :func:`disable_remote_code_loading` restores the original functions; :func:`enable_remote_code_loading` is the
@@ -42,6 +43,7 @@ __all__ = [
     "enable_remote_code_loading",
     "is_remote_code_loading_enabled",
     "remote_code_loading_disabled",
+    "stream_generator_incompatibility",
     "stream_generator_problem",
 ]
 
@@ -133,8 +135,26 @@ def _check_imports(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
     return module.get_relative_imports(filename)
 
 
+# The `GenerationMixin` methods transformers_stream_generator's `generate` (0.0.5, the last release) was written
+# against: it dispatches to `greedy_search` / `sample` and calls `_validate_model_class` and `_get_logits_warper`
+# on the model. transformers removed them in 4.41-4.53; without them the package still imports (up to 4.56) but
+# its streaming `generate` fails on the model.
+_STREAM_GENERATOR_NEEDS = ("greedy_search", "sample", "_validate_model_class", "_get_logits_warper")
+
+
+def stream_generator_incompatibility() -> Optional[str]:
+    """Why an importable ``transformers_stream_generator`` cannot stream with this transformers, else ``None``."""
+    from transformers.generation.utils import GenerationMixin
+
+    missing = [name for name in _STREAM_GENERATOR_NEEDS if not hasattr(GenerationMixin, name)]
+    if not missing:
+        return None
+    names = ", ".join(f"GenerationMixin.{name}" for name in missing)
+    return f"it imports, but it calls {names}, which this transformers no longer has"
+
+
 def _stream_unavailable(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    problem = stream_generator_problem()
+    problem = stream_generator_problem() or stream_generator_incompatibility()
     if problem is None:
         return wrapped(*args, **kwargs)
     from .versions import installed_version
@@ -142,9 +162,10 @@ def _stream_unavailable(wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
     owner = type(instance).__qualname__ if instance is not None else "chat_stream"
     raise StreamingUnavailableError(
         f"{owner}.chat_stream() needs {STREAM_PACKAGE}, which cannot work here: {problem}. That package was "
-        f"written for transformers <= 4.56 (installed: {installed_version('transformers')}); on 4.57 and later it "
-        "fails to import (BeamSearchScorer, DisjunctiveConstraint were removed). Use model.chat(...) instead, or "
-        "stream with model.generate(..., streamer=transformers.TextIteratorStreamer(tokenizer))."
+        f"written for transformers <= 4.40 (installed: {installed_version('transformers')}): later releases "
+        "removed generation internals it calls, and from 4.57 on it fails to import (BeamSearchScorer, "
+        "DisjunctiveConstraint were removed). Use model.chat(...) instead, or stream with "
+        "model.generate(..., streamer=transformers.TextIteratorStreamer(tokenizer))."
     )
 
 

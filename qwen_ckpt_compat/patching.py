@@ -254,7 +254,7 @@ def patch(model: Any) -> Any:
     cls = find_checkpointing_class(root)
     if cls is None:
         return model
-    restore_removed_apis(cls)  # e.g. get_head_mask on transformers >= 5.0, if loaded before the import hook
+    restore_removed_apis(type(root))  # e.g. get_head_mask on 5.x, when loaded before the import hook
     state = _PATCHES.get(cls)
     if state is None:
         state = _Patch(original=cls.__dict__["_set_gradient_checkpointing"])

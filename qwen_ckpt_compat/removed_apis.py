@@ -1,17 +1,44 @@
-"""Replacements for transformers APIs that old remote code calls and that transformers has removed.
+"""What old remote code relies on and transformers has since removed or changed, given back with the old semantics.
 
-Each replacement keeps the old semantics and is installed, only where the class lacks the API (detected on
-the class, not by version), on the remote-code base class of a loaded model: never on transformers' own
-classes.
+Each fix is installed on the remote-code classes of a loaded model (never on transformers' own classes), only
+where the class needs it, which is found by looking at the classes (never at the transformers version):
+
+* ``get_head_mask`` (removed in 5.0): the Qwen v1 forward calls it on every step.
+* ``GenerationMixin`` as a base of the generating class (5.x ``PreTrainedModel`` no longer inherits it): without
+  it a model has no ``generate``. 5.x's auto classes add it to a subclass on the first load only; the second
+  ``from_pretrained`` of the same checkpoint in a process (a reload after ``save_pretrained``, the base model for
+  ``PeftModel.from_pretrained``) got a model without ``generate`` and without its ``generation_config``.
+* Legacy tuple caches in ``generate``: up to 4.53 a model that did not set ``_supports_cache_class`` (no remote
+  code of that era does) was handed no cache on the first step and its own tuple of ``(key, value)`` pairs after
+  that. Since 4.55 ``generate`` hands it a ``DynamicCache``; from 4.57 on that cache is truthy while still empty,
+  so the remote ``prepare_inputs_for_generation`` cuts the prompt to its last token, and the remote forward
+  cannot index a 5.x cache (``past_key_values[0][0]``). The old answer, "no cache objects for this model", is
+  given back on the class (``_supports_default_dynamic_cache``).
+* The cache's keyword name (5.24 renamed ``past_key_values`` to ``cache``): ``prepare_inputs_for_generation``
+  written for ``past_key_values`` gets the model's past under that name again, so decoding keeps using it
+  instead of recomputing the whole sequence at every step.
+* Loaded weights left alone by ``_init_weights`` (5.0 until transformers protected remote code again): 5.0 runs
+  the model's ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote
+  code that initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with
+  random ones.
+
+All fixes are idempotent; :func:`restore_removed_apis` returns what it installed.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
+import wrapt
 
-__all__ = ["REPLACEMENTS", "restore_removed_apis"]
+__all__ = ["REPLACEMENTS", "get_head_mask", "restore_removed_apis"]
+
+_INSTALLED_MARK = "_qcc_replacement"
+
+
+# ------------------------------------------------------------------------------------- replacements
 
 
 def get_head_mask(
@@ -19,9 +46,19 @@ def get_head_mask(
 ) -> Any:
     """Removed in transformers 5.0. Per-layer head masks: a list of ``None`` without a mask, else a 5-D tensor.
 
-    ``head_mask`` of shape ``[num_heads]`` (the same for every layer) or ``[num_hidden_layers, num_heads]``
-    becomes ``[num_hidden_layers, batch=1, num_heads, 1, 1]`` in the model's dtype (with a trailing axis when
-    ``is_attention_chunked``); 1.0 keeps a head, 0.0 masks it.
+    Args:
+        head_mask (`torch.Tensor`, *optional*):
+            1.0 keeps a head, 0.0 masks it. Shape ``[num_heads]`` (the same for every layer) or
+            ``[num_hidden_layers, num_heads]``; a 5-D mask is used as it is.
+        num_hidden_layers (`int`):
+            The number of layers the mask is for.
+        is_attention_chunked (`bool`, *optional*, defaults to `False`):
+            Adds a trailing axis, for attention computed in chunks.
+
+    Returns:
+        `list[None]` of length ``num_hidden_layers`` without a mask, else a tensor of shape
+        ``[num_hidden_layers, 1, num_heads, 1, 1]`` (``[..., 1]`` more when chunked) in the model's dtype, whose
+        ``[i]`` broadcasts over the ``[batch, heads, query, key]`` attention weights of layer ``i``.
     """
     if head_mask is None:
         return [None] * num_hidden_layers
@@ -37,24 +74,202 @@ def get_head_mask(
     return head_mask
 
 
-#: name -> replacement, installed where the class does not have the name.
+get_head_mask.__dict__[_INSTALLED_MARK] = True
+
+#: name -> replacement, installed on the remote base class where the class does not have the name.
 REPLACEMENTS: dict[str, Callable[..., Any]] = {
     "get_head_mask": get_head_mask,
 }
 
 
+def _legacy_cache_only(cls: type) -> bool:
+    """Replaces ``GenerationMixin._supports_default_dynamic_cache`` on remote code that never declared Cache support.
+
+    Returns:
+        `bool`: always `False`, the answer transformers <= 4.53 gave every model without
+        ``_supports_cache_class = True``: ``generate`` hands the model no cache object, so its first step gets
+        ``past_key_values=None`` and every later step the tuple of ``(key, value)`` pairs the model returned.
+    """
+    return False
+
+
+_legacy_cache_only.__dict__[_INSTALLED_MARK] = True
+
+
+def _past_under_its_old_name(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrapper of a remote ``prepare_inputs_for_generation(input_ids, past_key_values=None, ...)``.
+
+    transformers >= 5.24 passes the model's past as ``cache=``, a name this code does not know (it would land in
+    ``**kwargs`` and the whole sequence would be recomputed at every step); it is passed as ``past_key_values``.
+    """
+    if "cache" in kwargs and kwargs.get("past_key_values") is None:
+        kwargs = dict(kwargs)
+        kwargs["past_key_values"] = kwargs.pop("cache")
+    return wrapped(*args, **kwargs)
+
+
+def _make_loaded_weights_guard(inherited: Callable[..., Any]) -> Callable[..., Any]:
+    def _initialize_weights(self: Any, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        """``_initialize_weights`` that leaves a module alone when all its parameters were loaded.
+
+        transformers 5.0 marks every tensor it loads with ``_is_hf_initialized`` and then calls
+        ``_init_weights`` on every module, guarding only ``torch.nn.init`` functions; remote code that writes in
+        place (``module.weight.data.normal_()``) would overwrite the checkpoint's weights. As before 5.0 (and
+        again in later 5.x releases), a module whose parameters (its children's included, since remote
+        ``_init_weights`` may reach into those) were all loaded is not initialised; anything else goes to
+        transformers' ``_initialize_weights``.
+        """
+        parameters = list(module.parameters())
+        if parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
+            module._is_hf_initialized = True
+            return None
+        return inherited(self, module, *args, **kwargs)
+
+    _initialize_weights.__dict__[_INSTALLED_MARK] = True
+    return _initialize_weights
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def _is_transformers_class(klass: type) -> bool:
+    module = klass.__module__ or ""
+    return module == "transformers" or module.startswith("transformers.")
+
+
+def _remote_classes(cls: type) -> list:
+    """The model classes of ``cls``'s MRO that come from remote (or user) code, most derived first.
+
+    Those are the ``PreTrainedModel`` subclasses that transformers does not define itself (their module is
+    ``transformers_modules.*`` when loaded with ``trust_remote_code=True``).
+    """
+    from transformers import PreTrainedModel
+
+    return [
+        klass
+        for klass in cls.__mro__
+        if issubclass(klass, PreTrainedModel) and klass is not PreTrainedModel and not _is_transformers_class(klass)
+    ]
+
+
 def _remote_base(cls: type) -> type:
     """The outermost remote-code class in ``cls``'s MRO (e.g. ``QWenPreTrainedModel``)."""
-    remote = [k for k in cls.__mro__ if k.__module__.startswith("transformers_modules.")]
+    remote = _remote_classes(cls)
     return remote[-1] if remote else cls
 
 
-def restore_removed_apis(cls: type) -> list[str]:
-    """Installs the missing replacements on ``cls``'s remote base class; returns the names installed."""
-    base = _remote_base(cls)
+def _defines(classes: list, name: str) -> bool:
+    return any(name in klass.__dict__ for klass in classes)
+
+
+def _parameters(function: Any) -> set:
+    try:
+        return set(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _generation_mixin() -> Optional[type]:
+    try:
+        from transformers.generation import GenerationMixin
+    except ImportError:  # pragma: no cover - transformers < 4.26, where PreTrainedModel holds generate itself
+        return None
+    return GenerationMixin
+
+
+# --------------------------------------------------------------------------------------- installers
+
+
+def _restore_missing_methods(base: type) -> list:
     installed = []
     for name, function in REPLACEMENTS.items():
         if not hasattr(base, name):
             setattr(base, name, function)
             installed.append(name)
+    return installed
+
+
+def _restore_generation_mixin(classes: list) -> list:
+    """Adds ``GenerationMixin`` to the bases of remote classes that generate but no longer inherit it."""
+    mixin = _generation_mixin()
+    if mixin is None:
+        return []
+    installed = []
+    for klass in classes:
+        generates = "prepare_inputs_for_generation" in klass.__dict__ or "generate" in klass.__dict__
+        if generates and not issubclass(klass, mixin):
+            # What transformers does for native models (`class XForCausalLM(XPreTrainedModel, GenerationMixin)`)
+            # and, on the first load only, for remote ones (on a subclass).
+            klass.__bases__ = (*klass.__bases__, mixin)
+            installed.append(f"{klass.__qualname__}(GenerationMixin)")
+    return installed
+
+
+def _restore_legacy_caches(classes: list, base: type) -> list:
+    """Old remote code speaks legacy tuple caches: ``generate`` must hand it no cache object."""
+    mixin = _generation_mixin()
+    name = "_supports_default_dynamic_cache"
+    if mixin is None or not hasattr(mixin, name) or _defines(classes, name):
+        return []  # transformers < 4.42 only knows legacy caches; or the remote code decides itself
+    if getattr(base, "_supports_cache_class", False):
+        return []  # this remote code declared that it handles Cache objects
+    setattr(base, name, classmethod(_legacy_cache_only))
+    return [name]
+
+
+def _restore_past_key_values_argument(classes: list) -> list:
+    """``generate`` passes the past as ``cache=`` (5.24+): remote code that only knows ``past_key_values`` gets it so."""
+    mixin = _generation_mixin()
+    generic = _parameters(getattr(mixin, "prepare_inputs_for_generation", None))
+    if "cache" not in generic or "past_key_values" in generic:
+        return []
+    installed = []
+    for klass in classes:
+        function = klass.__dict__.get("prepare_inputs_for_generation")
+        if function is None or isinstance(function, wrapt.FunctionWrapper):
+            continue
+        parameters = _parameters(function)
+        if "past_key_values" in parameters and "cache" not in parameters:
+            wrapt.wrap_function_wrapper(klass, "prepare_inputs_for_generation", _past_under_its_old_name)
+            installed.append(f"{klass.__qualname__}.prepare_inputs_for_generation(cache -> past_key_values)")
+    return installed
+
+
+def _protect_loaded_weights(classes: list, base: type) -> list:
+    """5.0's re-initialisation of loaded weights by in-place remote ``_init_weights`` (see the module docstring)."""
+    from transformers import PreTrainedModel
+
+    inherited = getattr(PreTrainedModel, "_initialize_weights", None)
+    if inherited is None or "is_remote_code" in _parameters(inherited):
+        return []  # no such step, or transformers protects remote code itself
+    try:  # 5.x: loaded tensors carry `_is_hf_initialized`; only torch.nn.init functions are guarded
+        from transformers.initialization import guard_torch_init_functions  # noqa: F401
+    except ImportError:
+        return []  # 4.x: fully loaded modules are flagged and skipped by transformers itself
+    if not _defines(classes, "_init_weights") or _defines(classes, "_initialize_weights"):
+        return []
+    base._initialize_weights = _make_loaded_weights_guard(inherited)
+    return ["_initialize_weights"]
+
+
+def restore_removed_apis(cls: type) -> list[str]:
+    """Gives the remote-code classes of ``cls`` what they rely on and this transformers removed or changed.
+
+    Args:
+        cls (`type`): a loaded model class (or any class of its MRO) from remote code. Pass the most derived
+            class (``type(model)``): the generation fixes go on the class that defines
+            ``prepare_inputs_for_generation``, the others on the outermost remote class (``QWenPreTrainedModel``).
+
+    Returns:
+        `list[str]`: what was installed now (empty when nothing was missing, e.g. on a second call).
+    """
+    classes = _remote_classes(cls)
+    if not classes:
+        return []  # a transformers class: never touched
+    base = classes[-1]
+    installed = _restore_missing_methods(base)
+    installed += _restore_generation_mixin(classes)
+    installed += _restore_legacy_caches(classes, base)
+    installed += _restore_past_key_values_argument(classes)
+    installed += _protect_loaded_weights(classes, base)
     return installed
