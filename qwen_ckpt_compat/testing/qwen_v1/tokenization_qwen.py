@@ -51,6 +51,12 @@ class QWenTokenizer(PreTrainedTokenizer):
             return ord(token)
         raise ValueError(f"{token!r} is not a byte token")
 
+    def build_inputs_with_special_tokens(
+        self, token_ids_0: List[int], token_ids_1: Optional[List[int]] = None
+    ) -> List[int]:
+        # No BOS/EOS are added around a sequence (transformers 5.0's default would add a missing BOS id).
+        return list(token_ids_0) + list(token_ids_1 or [])
+
     def _convert_id_to_token(self, index: int) -> str:
         return self._id_to_special.get(index, chr(index))
 
