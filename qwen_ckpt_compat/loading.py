@@ -14,8 +14,8 @@ modules, those that import ``transformers_stream_generator`` lazily (inside a fu
   or model are raised as before.
 * ``get_class_in_module``: a loaded Qwen-style class gets the APIs transformers removed that its code calls
   (see :mod:`qwen_ckpt_compat.removed_apis`), and ``chat_stream()`` raises
-  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work (it does
-  not import, or it imports but this transformers lacks the generation internals it calls: 4.41 and later).
+  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work (it
+  does not import, or it imports but this transformers lacks the generation internals it calls: 4.41+).
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
 :func:`disable_remote_code_loading` restores the original functions; :func:`enable_remote_code_loading` is the
@@ -135,15 +135,15 @@ def _check_imports(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
     return module.get_relative_imports(filename)
 
 
-# The `GenerationMixin` methods transformers_stream_generator's `generate` (0.0.5, the last release) was written
-# against: it dispatches to `greedy_search` / `sample` and calls `_validate_model_class` and `_get_logits_warper`
-# on the model. transformers removed them in 4.41-4.53; without them the package still imports (up to 4.56) but
-# its streaming `generate` fails on the model.
+# The `GenerationMixin` methods that transformers_stream_generator's `generate` (0.0.5, its last release) was
+# written against: it dispatches to `greedy_search` / `sample` and calls `_validate_model_class` and
+# `_get_logits_warper` on the model. transformers removed them in 4.41-4.53; without them the package still
+# imports (up to 4.56), but its streaming `generate` fails on the model.
 _STREAM_GENERATOR_NEEDS = ("greedy_search", "sample", "_validate_model_class", "_get_logits_warper")
 
 
 def stream_generator_incompatibility() -> Optional[str]:
-    """Why an importable ``transformers_stream_generator`` cannot stream with this transformers, else ``None``."""
+    """Why an importable ``transformers_stream_generator`` cannot stream with this transformers, or ``None``."""
     from transformers.generation.utils import GenerationMixin
 
     missing = [name for name in _STREAM_GENERATOR_NEEDS if not hasattr(GenerationMixin, name)]

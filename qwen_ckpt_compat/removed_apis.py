@@ -1,28 +1,27 @@
-"""What old remote code relies on and transformers has since removed or changed, given back with the old semantics.
+"""What old remote code relies on that transformers removed or changed since, with the old semantics.
 
-Each fix is installed on the remote-code classes of a loaded model (never on transformers' own classes), only
+Each fix goes on the remote-code classes of a loaded model (never on transformers' own classes), and only
 where the class needs it, which is found by looking at the classes (never at the transformers version):
 
 * ``get_head_mask`` (removed in 5.0): the Qwen v1 forward calls it on every step.
-* ``GenerationMixin`` as a base of the generating class (5.x ``PreTrainedModel`` no longer inherits it): without
-  it a model has no ``generate``. 5.x's auto classes add it to a subclass on the first load only; the second
-  ``from_pretrained`` of the same checkpoint in a process (a reload after ``save_pretrained``, the base model for
-  ``PeftModel.from_pretrained``) got a model without ``generate`` and without its ``generation_config``.
-* Legacy tuple caches in ``generate``: up to 4.53 a model that did not set ``_supports_cache_class`` (no remote
-  code of that era does) was handed no cache on the first step and its own tuple of ``(key, value)`` pairs after
-  that. Since 4.55 ``generate`` hands it a ``DynamicCache``; from 4.57 on that cache is truthy while still empty,
-  so the remote ``prepare_inputs_for_generation`` cuts the prompt to its last token, and the remote forward
-  cannot index a 5.x cache (``past_key_values[0][0]``). The old answer, "no cache objects for this model", is
-  given back on the class (``_supports_default_dynamic_cache``).
-* The cache's keyword name (5.24 renamed ``past_key_values`` to ``cache``): ``prepare_inputs_for_generation``
-  written for ``past_key_values`` gets the model's past under that name again, so decoding keeps using it
+* ``GenerationMixin`` as a base of the generating class (5.x ``PreTrainedModel`` no longer inherits it).
+  5.x's auto classes add it, to a subclass, on the first load only; a second ``from_pretrained`` of the same
+  code in a process (a reload after ``save_pretrained``, the base model for ``PeftModel.from_pretrained``)
+  gave a model without ``generate`` and without its ``generation_config``.
+* Legacy tuple caches in ``generate``: up to 4.53 a model that did not set ``_supports_cache_class`` (no
+  remote code of that era does) got no cache on the first step and its own tuple of ``(key, value)`` pairs
+  after that. From 4.55 on ``generate`` hands it a ``DynamicCache``, which from 4.57 on is truthy while still
+  empty, so the remote ``prepare_inputs_for_generation`` cuts the prompt to its last token; and the remote
+  forward cannot index a 5.x cache (``past_key_values[0][0]``). The old answer, "no cache objects for this
+  model", is given back on the class (``_supports_default_dynamic_cache``).
+* The cache's keyword (5.24 renamed ``past_key_values`` to ``cache``): a ``prepare_inputs_for_generation``
+  written for ``past_key_values`` gets the model's past under that name again, so that decoding uses it
   instead of recomputing the whole sequence at every step.
-* Loaded weights left alone by ``_init_weights`` (5.0 until transformers protected remote code again): 5.0 runs
-  the model's ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote
-  code that initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with
-  random ones.
+* Loaded weights left alone (5.0 until transformers protected remote code again): 5.0 runs the model's
+  ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote code that
+  initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with random ones.
 
-All fixes are idempotent; :func:`restore_removed_apis` returns what it installed.
+Every fix is idempotent; :func:`restore_removed_apis` returns what it installed.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ _INSTALLED_MARK = "_qcc_replacement"
 def get_head_mask(
     self: Any, head_mask: Optional[torch.Tensor], num_hidden_layers: int, is_attention_chunked: bool = False
 ) -> Any:
-    """Removed in transformers 5.0. Per-layer head masks: a list of ``None`` without a mask, else a 5-D tensor.
+    """Removed in transformers 5.0: per-layer head masks, a list of ``None`` without a mask, else a tensor.
 
     Args:
         head_mask (`torch.Tensor`, *optional*):
@@ -57,8 +56,8 @@ def get_head_mask(
 
     Returns:
         `list[None]` of length ``num_hidden_layers`` without a mask, else a tensor of shape
-        ``[num_hidden_layers, 1, num_heads, 1, 1]`` (``[..., 1]`` more when chunked) in the model's dtype, whose
-        ``[i]`` broadcasts over the ``[batch, heads, query, key]`` attention weights of layer ``i``.
+        ``[num_hidden_layers, 1, num_heads, 1, 1]`` (``[..., 1]`` more when chunked) in the model's dtype,
+        whose ``[i]`` broadcasts over the ``[batch, heads, query, key]`` attention weights of layer ``i``.
     """
     if head_mask is None:
         return [None] * num_hidden_layers
@@ -67,7 +66,9 @@ def get_head_mask(
     elif head_mask.dim() == 2:
         head_mask = head_mask[:, None, :, None, None]
     if head_mask.dim() != 5:
-        raise ValueError(f"head_mask must have 1 or 2 dimensions (or already 5), got shape {tuple(head_mask.shape)}")
+        raise ValueError(
+            f"head_mask must have 1 or 2 dimensions (or already 5), got shape {tuple(head_mask.shape)}"
+        )
     head_mask = head_mask.to(dtype=self.dtype)
     if is_attention_chunked:
         head_mask = head_mask.unsqueeze(-1)
@@ -83,7 +84,7 @@ REPLACEMENTS: dict[str, Callable[..., Any]] = {
 
 
 def _legacy_cache_only(cls: type) -> bool:
-    """Replaces ``GenerationMixin._supports_default_dynamic_cache`` on remote code that never declared Cache support.
+    """``GenerationMixin._supports_default_dynamic_cache`` for remote code that never declared Cache support.
 
     Returns:
         `bool`: always `False`, the answer transformers <= 4.53 gave every model without
@@ -99,8 +100,9 @@ _legacy_cache_only.__dict__[_INSTALLED_MARK] = True
 def _past_under_its_old_name(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     """Wrapper of a remote ``prepare_inputs_for_generation(input_ids, past_key_values=None, ...)``.
 
-    transformers >= 5.24 passes the model's past as ``cache=``, a name this code does not know (it would land in
-    ``**kwargs`` and the whole sequence would be recomputed at every step); it is passed as ``past_key_values``.
+    transformers >= 5.24 passes the model's past as ``cache=``, a name this code does not know (it would land
+    in ``**kwargs``, and the whole sequence would be recomputed at every step): it is passed on as
+    ``past_key_values``.
     """
     if "cache" in kwargs and kwargs.get("past_key_values") is None:
         kwargs = dict(kwargs)
@@ -113,9 +115,9 @@ def _make_loaded_weights_guard(inherited: Callable[..., Any]) -> Callable[..., A
         """``_initialize_weights`` that leaves a module alone when all its parameters were loaded.
 
         transformers 5.0 marks every tensor it loads with ``_is_hf_initialized`` and then calls
-        ``_init_weights`` on every module, guarding only ``torch.nn.init`` functions; remote code that writes in
-        place (``module.weight.data.normal_()``) would overwrite the checkpoint's weights. As before 5.0 (and
-        again in later 5.x releases), a module whose parameters (its children's included, since remote
+        ``_init_weights`` on every module, guarding only ``torch.nn.init`` functions; remote code that writes
+        in place (``module.weight.data.normal_()``) would overwrite the checkpoint's weights. As before 5.0
+        (and again in later 5.x releases), a module whose parameters (its children's included, since remote
         ``_init_weights`` may reach into those) were all loaded is not initialised; anything else goes to
         transformers' ``_initialize_weights``.
         """
@@ -148,14 +150,10 @@ def _remote_classes(cls: type) -> list:
     return [
         klass
         for klass in cls.__mro__
-        if issubclass(klass, PreTrainedModel) and klass is not PreTrainedModel and not _is_transformers_class(klass)
+        if issubclass(klass, PreTrainedModel)
+        and klass is not PreTrainedModel
+        and not _is_transformers_class(klass)
     ]
-
-
-def _remote_base(cls: type) -> type:
-    """The outermost remote-code class in ``cls``'s MRO (e.g. ``QWenPreTrainedModel``)."""
-    remote = _remote_classes(cls)
-    return remote[-1] if remote else cls
 
 
 def _defines(classes: list, name: str) -> bool:
@@ -195,11 +193,11 @@ def _restore_generation_mixin(classes: list) -> list:
     if mixin is None:
         return []
     installed = []
-    for klass in classes:
+    for klass in reversed(classes):  # the outermost first: its subclasses then inherit the mixin
         generates = "prepare_inputs_for_generation" in klass.__dict__ or "generate" in klass.__dict__
         if generates and not issubclass(klass, mixin):
-            # What transformers does for native models (`class XForCausalLM(XPreTrainedModel, GenerationMixin)`)
-            # and, on the first load only, for remote ones (on a subclass).
+            # What transformers does for native models (`class XForCausalLM(XPreTrainedModel,
+            # GenerationMixin)`) and, on the first load only, for remote ones (on a subclass).
             klass.__bases__ = (*klass.__bases__, mixin)
             installed.append(f"{klass.__qualname__}(GenerationMixin)")
     return installed
@@ -210,15 +208,15 @@ def _restore_legacy_caches(classes: list, base: type) -> list:
     mixin = _generation_mixin()
     name = "_supports_default_dynamic_cache"
     if mixin is None or not hasattr(mixin, name) or _defines(classes, name):
-        return []  # transformers < 4.42 only knows legacy caches; or the remote code decides itself
-    if getattr(base, "_supports_cache_class", False):
+        return []  # an older transformers only knows legacy caches; or the remote code decides itself
+    if any(klass.__dict__.get("_supports_cache_class") for klass in classes):
         return []  # this remote code declared that it handles Cache objects
     setattr(base, name, classmethod(_legacy_cache_only))
     return [name]
 
 
 def _restore_past_key_values_argument(classes: list) -> list:
-    """``generate`` passes the past as ``cache=`` (5.24+): remote code that only knows ``past_key_values`` gets it so."""
+    """``generate`` passes the past as ``cache=`` (5.24+): code that knows ``past_key_values`` gets it so."""
     mixin = _generation_mixin()
     generic = _parameters(getattr(mixin, "prepare_inputs_for_generation", None))
     if "cache" not in generic or "past_key_values" in generic:
@@ -236,7 +234,7 @@ def _restore_past_key_values_argument(classes: list) -> list:
 
 
 def _protect_loaded_weights(classes: list, base: type) -> list:
-    """5.0's re-initialisation of loaded weights by in-place remote ``_init_weights`` (see the module docstring)."""
+    """5.0 re-initialised loaded weights through an in-place remote ``_init_weights`` (see the module doc)."""
     from transformers import PreTrainedModel
 
     inherited = getattr(PreTrainedModel, "_initialize_weights", None)
@@ -256,9 +254,9 @@ def restore_removed_apis(cls: type) -> list[str]:
     """Gives the remote-code classes of ``cls`` what they rely on and this transformers removed or changed.
 
     Args:
-        cls (`type`): a loaded model class (or any class of its MRO) from remote code. Pass the most derived
-            class (``type(model)``): the generation fixes go on the class that defines
-            ``prepare_inputs_for_generation``, the others on the outermost remote class (``QWenPreTrainedModel``).
+        cls (`type`): a loaded model class from remote code. Pass the most derived class (``type(model)``):
+            the generation fixes go on the classes that define ``prepare_inputs_for_generation``, the others
+            on the outermost remote class (``QWenPreTrainedModel``).
 
     Returns:
         `list[str]`: what was installed now (empty when nothing was missing, e.g. on a second call).
