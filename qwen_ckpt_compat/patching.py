@@ -30,7 +30,7 @@ import wrapt
 from . import routing
 from .detection import checkpointing_owners, decoder_block_names, find_checkpointing_class, unwrap_model
 from .errors import CompatWarning
-from .removed_apis import restore_removed_apis
+from .removed_apis import restore_auto_class, restore_removed_apis
 
 __all__ = ["CheckpointRequest", "is_patched", "patch", "set_checkpointing_defaults", "unpatch"]
 
@@ -255,6 +255,7 @@ def patch(model: Any) -> Any:
     if cls is None:
         return model
     restore_removed_apis(type(root))  # e.g. get_head_mask on 5.x, when loaded before the import hook
+    restore_auto_class(root)  # so that save_pretrained copies the remote code (4.45-4.52 forgot it)
     state = _PATCHES.get(cls)
     if state is None:
         state = _Patch(original=cls.__dict__["_set_gradient_checkpointing"])

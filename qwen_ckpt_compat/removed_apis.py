@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional
 import torch
 import wrapt
 
-__all__ = ["REPLACEMENTS", "get_head_mask", "restore_removed_apis"]
+__all__ = ["REPLACEMENTS", "get_head_mask", "restore_auto_class", "restore_removed_apis"]
 
 _INSTALLED_MARK = "_qcc_replacement"
 
@@ -248,6 +248,28 @@ def _protect_loaded_weights(classes: list, base: type) -> list:
         return []
     base._initialize_weights = _make_loaded_weights_guard(inherited)
     return ["_initialize_weights"]
+
+
+def restore_auto_class(model: Any) -> list[str]:
+    """Records the auto class of a remote model whose class has none, from ``config.auto_map``.
+
+    ``save_pretrained`` copies the remote-code files next to the weights only when the class knows the auto
+    class it was loaded through; transformers 4.45-4.52 did not record it, so a saved folder (a Trainer
+    checkpoint, say) could not be loaded again.
+
+    Returns:
+        `list[str]`: what was recorded now (empty when nothing was missing).
+    """
+    cls = type(model)
+    if getattr(cls, "_auto_class", None) is not None or not _remote_classes(cls):
+        return []
+    auto_map = getattr(getattr(model, "config", None), "auto_map", None) or {}
+    for auto_class, reference in auto_map.items():
+        reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+        if auto_class.startswith("AutoModel") and isinstance(reference, str) and reference.split(".")[-1] == cls.__name__:
+            cls.register_for_auto_class(auto_class)
+            return [f"{cls.__qualname__}._auto_class = {auto_class!r}"]
+    return []
 
 
 def restore_removed_apis(cls: type) -> list[str]:
