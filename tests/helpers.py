@@ -41,6 +41,12 @@ def enable(model, **kwargs) -> None:
     getattr(model, name)(**kwargs)
 
 
+def checkpointing_on(model) -> bool:
+    """transformers' own view (`is_activation_checkpointing` on 5.23+, the deprecated name before)."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return getattr(model, name)
+
+
 def disable(model) -> None:
     name = "activation_checkpointing_disable" if hasattr(model, "activation_checkpointing_disable") else "gradient_checkpointing_disable"
     getattr(model, name)()

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 from helpers import (
+    checkpointing_on,
     ENABLE_RAISES_TYPEERROR,
     HAS_CHECKPOINTING_KWARGS,
     batch,
@@ -39,7 +40,7 @@ def test_the_4_35_typeerror_is_gone(qwen):
         enable(qwen)
     patch(qwen)
     enable(qwen)
-    assert qwen.is_gradient_checkpointing
+    assert checkpointing_on(qwen)
 
 
 @pytest.mark.behaviour("kwargs")
@@ -181,9 +182,9 @@ def test_use_cache_is_off_while_training_checkpointed(qwen, caplog):
 @pytest.mark.behaviour("enables")
 def test_disable_brings_back_the_plain_forward(qwen):
     prepare_for_lora(qwen)
-    assert qwen.is_gradient_checkpointing
+    assert checkpointing_on(qwen)
     disable(qwen)
-    assert not qwen.is_gradient_checkpointing
+    assert not checkpointing_on(qwen)
     with count_block_calls(qwen) as counts:
         step_grads(qwen)
     assert set(counts.values()) == {1}

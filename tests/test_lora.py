@@ -7,6 +7,7 @@ import inspect
 import pytest
 import torch
 from helpers import (
+    checkpointing_on,
     HAS_CHECKPOINTING_KWARGS,
     batch,
     blocks,
@@ -101,7 +102,7 @@ def test_use_cache_is_turned_off_in_the_config(qwen):
 def test_without_checkpointing_it_only_prepares(qwen):
     prepare_for_lora(qwen, use_gradient_checkpointing=False)
     assert is_patched(qwen)
-    assert not qwen.is_gradient_checkpointing
+    assert not checkpointing_on(qwen)
     with count_block_calls(qwen) as counts:
         step_grads(qwen)
     assert set(counts.values()) == {1}
@@ -138,7 +139,7 @@ def test_native_models_get_exactly_transformers_behaviour(native_model_factory, 
         theirs.enable_input_require_grads()
     theirs.config.use_cache = False
     assert not is_patched(ours) and not describe(ours).old_checkpointing_api
-    assert ours.is_gradient_checkpointing and theirs.is_gradient_checkpointing
+    assert checkpointing_on(ours) and checkpointing_on(theirs)
     assert ours.config.use_cache is False
     grads_ours, grads_theirs = _grads_of(ours, inputs), _grads_of(theirs, inputs)
     assert grads_ours.keys() == grads_theirs.keys()
