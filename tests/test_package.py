@@ -1,0 +1,56 @@
+"""The package itself: cheap import, public API, typing marker, capability flags against the releases."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import TRANSFORMERS
+from packaging.version import Version
+
+import qwen_ckpt_compat
+
+
+def test_import_is_cheap_and_does_not_import_peft_transformers_or_torch():
+    code = (
+        "import sys, qwen_ckpt_compat; "
+        "print(sorted(m for m in ('peft', 'transformers', 'torch') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_public_api_resolves():
+    for name in qwen_ckpt_compat.__all__:
+        assert getattr(qwen_ckpt_compat, name) is not None, name
+    assert set(qwen_ckpt_compat.__all__) <= set(dir(qwen_ckpt_compat))
+    with pytest.raises(AttributeError):
+        qwen_ckpt_compat.no_such_name  # noqa: B018
+
+
+def test_typed_package_and_version():
+    assert (Path(qwen_ckpt_compat.__file__).parent / "py.typed").is_file()
+    assert Version(qwen_ckpt_compat.__version__) >= Version("0.1.0")
+
+
+@pytest.mark.parametrize(
+    "flag, first_release",
+    [
+        ("new_set_gradient_checkpointing_call", "4.35.0"),
+        ("checkpointing_kwargs", "4.35.0"),
+        ("old_format_fallback", "4.36.0"),
+        ("every_n_layers", "5.16.0"),
+        ("offload", "5.17.0"),
+        ("activation_checkpointing_api", "5.23.0"),
+    ],
+)
+def test_capability_flags_match_the_documented_releases(flag, first_release):
+    """Detected on the installed transformers; QWEN_V1_FACTS.md says from which release each exists."""
+    assert getattr(qwen_ckpt_compat.capabilities(), flag) is (TRANSFORMERS >= Version(first_release))
+
+
+def test_native_default_use_reentrant():
+    expected = None if TRANSFORMERS < Version("4.38") else TRANSFORMERS < Version("5.0")
+    assert qwen_ckpt_compat.capabilities().native_default_use_reentrant is expected
