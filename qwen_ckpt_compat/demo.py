@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, TextIO
 
@@ -113,15 +114,23 @@ def _without_library(path: Any, out: TextIO) -> None:
 
 def run_demo(*, steps: int = 5, layers: int = 2, seq_length: int = 64, out: TextIO) -> None:
     """Runs the demo and prints to ``out``; see the module docstring."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        # Deprecation notices that peft and transformers print on newer releases, not about this library.
+        warnings.simplefilter("ignore", FutureWarning)
+        _run(steps=steps, layers=layers, seq_length=seq_length, out=out)
+
+
+def _run(*, steps: int, layers: int, seq_length: int, out: TextIO) -> None:
     import torch
 
     from . import checkpoint_settings, prepare_for_lora
     from .testing import load_tiny_qwen, write_tiny_qwen
     from .versions import capabilities
 
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
     caps = capabilities()
     peft_version = caps.peft or "not installed"
     print(f"qwen-ckpt-compat demo: transformers {caps.transformers}, torch {caps.torch}, peft {peft_version}", file=out)

@@ -54,3 +54,20 @@ def test_capability_flags_match_the_documented_releases(flag, first_release):
 def test_native_default_use_reentrant():
     expected = None if TRANSFORMERS < Version("4.38") else TRANSFORMERS < Version("5.0")
     assert qwen_ckpt_compat.capabilities().native_default_use_reentrant is expected
+
+
+def test_demo_shows_the_problem_then_trains_with_falling_loss():
+    import io
+    import re
+
+    from qwen_ckpt_compat.demo import run_demo
+
+    out = io.StringIO()
+    run_demo(steps=3, out=out)
+    text = out.getvalue()
+    without, with_library = text.split("2. With qwen-ckpt-compat")
+    assert "fails" in without or "kwargs ignored" in without or "no checkpointing kwargs" in without
+    losses = [float(x) for x in re.findall(r"loss (\d+\.\d+)", with_library)]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert with_library.count("-> non-reentrant checkpointing") == 3
+    assert "LoRA grads flowing 20/20" in with_library
