@@ -57,12 +57,12 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .versions import capabilities
     from .detection import ModelInfo, describe
     from .errors import CheckpointingNotSupportedError, CompatError, CompatWarning, UnsupportedModelError
     from .loading import StreamingUnavailableError, disable_remote_code_loading, enable_remote_code_loading
     from .lora import prepare_for_lora
     from .patching import CheckpointRequest, checkpoint_settings, is_patched, patch, unpatch
+    from .versions import capabilities
 
 
 def __getattr__(name: str) -> Any:

@@ -7,7 +7,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from .versions import capabilities
 from .detection import is_old_checkpointing_api, unwrap_model
 from .errors import CheckpointingNotSupportedError, CompatWarning
 from .patching import (
@@ -17,6 +16,7 @@ from .patching import (
     patch,
     set_checkpointing_defaults,
 )
+from .versions import capabilities
 
 __all__ = ["prepare_for_lora"]
 

@@ -32,7 +32,15 @@ from .detection import checkpointing_owners, decoder_block_names, find_checkpoin
 from .errors import CompatWarning
 from .removed_apis import restore_auto_class, restore_removed_apis
 
-__all__ = ["CheckpointRequest", "is_patched", "patch", "set_checkpointing_defaults", "unpatch"]
+__all__ = [
+    "CheckpointRequest",
+    "checkpoint_settings",
+    "enable_routed_checkpointing",
+    "is_patched",
+    "patch",
+    "set_checkpointing_defaults",
+    "unpatch",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +48,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_CHECKPOINT_KWARGS: dict = {"use_reentrant": False}
 _ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 _DEFAULTS_ATTR = "_qcc_checkpointing_defaults"
+_SETTINGS_ATTR = "_qcc_settings"  # the CheckpointSettings in effect, for checkpoint_settings()
 _ABSENT = object()
 
 
@@ -213,7 +222,7 @@ def _toggle(model: torch.nn.Module, enable: bool, function: Optional[Callable], 
             state.original(model, owner, value=False)
         return
     settings = _settings(model, function, every_n_layers)
-    model.__dict__["_qcc_settings"] = settings
+    model.__dict__[_SETTINGS_ATTR] = settings
     if blocks:
         routing.route(model, owners, blocks, settings)
         return
@@ -284,7 +293,7 @@ def unpatch(model: Any) -> Any:
     state = _PATCHES.pop(cls, None) if cls is not None else None
     routing.clear(root)
     root.__dict__.pop(_DEFAULTS_ATTR, None)
-    root.__dict__.pop("_qcc_settings", None)
+    root.__dict__.pop(_SETTINGS_ATTR, None)
     if state is not None:
         state.restore()
     return model
@@ -314,4 +323,4 @@ def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
 
 def checkpoint_settings(model: Any) -> Optional[routing.CheckpointSettings]:
     """The settings routed checkpointing was last enabled with on ``model``, or ``None``."""
-    return unwrap_model(model).__dict__.get("_qcc_settings")
+    return unwrap_model(model).__dict__.get(_SETTINGS_ATTR)

@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 from helpers import (
-    checkpointing_on,
     ENABLE_RAISES_TYPEERROR,
     HAS_CHECKPOINTING_KWARGS,
     batch,
+    checkpointing_on,
     count_block_calls,
     disable,
     enable,

@@ -7,10 +7,10 @@ import inspect
 import pytest
 import torch
 from helpers import (
-    checkpointing_on,
     HAS_CHECKPOINTING_KWARGS,
     batch,
     blocks,
+    checkpointing_on,
     count_block_calls,
     enable,
     lora,
