@@ -357,6 +357,18 @@ def package(session: nox.Session) -> None:
     shutil.rmtree(outside, ignore_errors=True)
 
 
+@nox.session(python=PYTHON, default=False)
+def lint(session: nox.Session) -> None:
+    """ruff and mypy, against the newest row's packages (not part of the default run)."""
+    session.install(
+        *_find_links(), "-c", str(PACKAGE_ROW.constraints), f"torch=={TORCH}",
+        f"transformers=={PACKAGE_ROW.transformers}", *COMPANIONS, "-e", ".", "ruff", "mypy",
+    )
+    session.run("ruff", "check", "qwen_ckpt_compat", "tests", "tools", "noxfile.py",
+                "--select", "F,E9,B,I", "--ignore", "B905")
+    session.run("mypy", "qwen_ckpt_compat")
+
+
 def _project_requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     return [*project["dependencies"], *project.get("optional-dependencies", {}).get("test", [])]

@@ -145,6 +145,7 @@ def _run(*, steps: int, layers: int, seq_length: int, out: TextIO) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = _lora(prepare_for_lora(model)).to(device)
         settings = checkpoint_settings(model)
+        assert settings is not None, "prepare_for_lora enabled routed checkpointing"
         print(f"   checkpoint kwargs in effect: {settings.kwargs}, every_n_layers={settings.every_n_layers}", file=out)
         batch = {k: v.to(device) for k, v in _batch(model.config.vocab_size, 4, seq_length).items()}
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)

@@ -38,7 +38,7 @@ def _is_peft_model(obj: Any) -> bool:
     return type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "get_base_model", None))
 
 
-def unwrap_model(model: Any) -> "torch.nn.Module":
+def unwrap_model(model: Any) -> Any:
     """Returns the transformers ``PreTrainedModel`` inside ``model``.
 
     Args:

@@ -78,7 +78,8 @@ def _lazily_imported(filename: str, mtime: float) -> frozenset:
     """Top-level package names imported inside function bodies and nowhere at module level."""
     with open(filename, encoding="utf-8") as handle:
         tree = ast.parse(handle.read(), filename)
-    inside, outside = set(), set()
+    inside: set[str] = set()
+    outside: set[str] = set()
 
     def names(node: ast.AST) -> set:
         if isinstance(node, ast.Import):

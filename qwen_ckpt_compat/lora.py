@@ -97,7 +97,7 @@ def prepare_for_lora(
         if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
     config = getattr(root, "config", None)
-    if getattr(config, "use_cache", False):
+    if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False
     return model
 

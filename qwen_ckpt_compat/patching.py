@@ -213,7 +213,7 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     )
 
 
-def _toggle(model: torch.nn.Module, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
+def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
     state = _patch_of(model)
     owners, blocks = _layout(model, state)
     if not enable:

@@ -123,7 +123,7 @@ def _make_loaded_weights_guard(inherited: Callable[..., Any]) -> Callable[..., A
         """
         parameters = list(module.parameters())
         if parameters and all(getattr(p, "_is_hf_initialized", False) for p in parameters):
-            module._is_hf_initialized = True
+            setattr(module, "_is_hf_initialized", True)  # noqa: B010 - a flag transformers reads
             return None
         return inherited(self, module, *args, **kwargs)
 
@@ -246,7 +246,7 @@ def _protect_loaded_weights(classes: list, base: type) -> list:
         return []  # 4.x: fully loaded modules are flagged and skipped by transformers itself
     if not _defines(classes, "_init_weights") or _defines(classes, "_initialize_weights"):
         return []
-    base._initialize_weights = _make_loaded_weights_guard(inherited)
+    setattr(base, "_initialize_weights", _make_loaded_weights_guard(inherited))  # noqa: B010
     return ["_initialize_weights"]
 
 

@@ -105,9 +105,9 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
 
 
 @functools.lru_cache(maxsize=None)
-def _use_cache_position(cls: type) -> Optional[int]:
+def _use_cache_position(forward: Callable) -> Optional[int]:
     try:
-        parameters = list(inspect.signature(cls.forward).parameters)
+        parameters = list(inspect.signature(forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover - forward without a signature
         return None
     return parameters.index("use_cache") - 1 if "use_cache" in parameters else None  # minus `self`
@@ -117,7 +117,7 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed."""
     if not (instance.__dict__.get(OWNER_FLAG) and instance.training):
         return wrapped(*args, **kwargs)
-    position = _use_cache_position(type(instance))
+    position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
         requested = args[position]
         args = args[:position] + (False,) + args[position + 1 :]
@@ -139,7 +139,7 @@ def _make_inputs_require_grad(module: torch.nn.Module, inputs: Any, output: torc
     output.requires_grad_(True)
 
 
-def _set_input_grads(model: torch.nn.Module, wanted: bool) -> None:
+def _set_input_grads(model: Any, wanted: bool) -> None:
     """Adds (once) or removes this library's input-embedding hook.
 
     A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then.
