@@ -8,11 +8,14 @@ with :func:`prepare_for_lora` and prints the loss, the gradients and the checkpo
 from __future__ import annotations
 
 import contextlib
+import inspect
 import tempfile
 import time
 import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, TextIO
+
+from .versions import capabilities
 
 __all__ = ["run_demo"]
 
@@ -57,8 +60,6 @@ def _observe(model: Any) -> Iterator[dict]:
 def _enable_call(model: Any, kwargs: dict) -> Callable[[], None]:
     name = "activation_checkpointing_enable" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing_enable"
     method = getattr(model, name)
-    import inspect
-
     parameter = next((p for p in inspect.signature(method).parameters if p.endswith("checkpointing_kwargs")), None)
     if parameter is None:
         return lambda: method()
@@ -92,8 +93,6 @@ def _try_without_library(path: Any, lora_first: bool, out: TextIO) -> None:
     if not runs or max(runs) < 2:
         print("   runs, but no block is checkpointed", file=out)
     elif seen["reentrant"]:
-        from .versions import capabilities
-
         why = "kwargs ignored" if capabilities().checkpointing_kwargs else "this release takes no checkpointing kwargs"
         print(f"   runs, but checkpointing is reentrant although use_reentrant=False was asked ({why})", file=out)
     else:
@@ -101,8 +100,6 @@ def _try_without_library(path: Any, lora_first: bool, out: TextIO) -> None:
 
 
 def _without_library(path: Any, out: TextIO) -> None:
-    import warnings
-
     print("\n1. Without qwen-ckpt-compat, checkpointing with use_reentrant=False:", file=out)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -129,7 +126,6 @@ def _run(*, steps: int, layers: int, seq_length: int, out: TextIO) -> None:
 
     from . import checkpoint_settings, prepare_for_lora
     from .testing import load_tiny_qwen, write_tiny_qwen
-    from .versions import capabilities
 
     caps = capabilities()
     peft_version = caps.peft or "not installed"

@@ -148,5 +148,5 @@ def _call_enable(root: Any, request: CheckpointRequest) -> None:
 
 def _native_is_reentrant(request: CheckpointRequest) -> bool:
     if capabilities().checkpointing_kwargs:
-        return bool((request.kwargs or {})["use_reentrant"])
+        return bool(request.kwargs and request.kwargs["use_reentrant"])
     return True  # no kwargs on this release: torch's default, which is reentrant

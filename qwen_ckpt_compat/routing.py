@@ -11,7 +11,8 @@ the way transformers' native ``GradientCheckpointingLayer`` does:
   training, the duty its forward performs when checkpointing itself.
 
 The ``__call__`` wrappers are installed once per class by :mod:`qwen_ckpt_compat.patching`; the per-instance
-state lives in these attributes (the first two have the same names and meaning as on native layers):
+state lives in the module attributes named below (``FLAG`` and ``FUNC`` have the same names and meaning as on
+native layers).
 """
 
 from __future__ import annotations
