@@ -1,25 +1,29 @@
-"""Loading Qwen-style remote code on transformers releases that broke it (4.57+ and 5.x).
-
-Qwen v1's ``modeling_qwen.py`` imports ``transformers_stream_generator`` inside ``chat_stream()`` only, yet
-transformers' ``check_imports`` demands that package when the model loads. Installed, the package itself no
-longer imports on transformers >= 4.57 (it needs ``BeamSearchScorer``, then ``DisjunctiveConstraint``, both
-gone from transformers' top level). So these models do not load at all, with or without it.
+"""Loading old remote code: patched when transformers loads it, and Qwen-style code on 4.57+ and 5.x.
 
 While enabled (it is, from ``import qwen_ckpt_compat`` on, unless ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1`` is
-set), two functions of ``transformers.dynamic_module_utils`` are wrapped, and only act on *Qwen-style*
-modules, those that import ``transformers_stream_generator`` lazily (inside a function body, never at the top):
+set), two functions of ``transformers.dynamic_module_utils`` are wrapped:
 
-* ``check_imports``: when the streaming package cannot be imported, it is left out of the check. Every other
-  import of the file is still checked the way transformers checks it, and import problems of any other package
-  or model are raised as before.
-* ``get_class_in_module``: a loaded Qwen-style class gets the APIs transformers removed that its code calls
-  (see :mod:`qwen_ckpt_compat.removed_apis`), and ``chat_stream()`` raises
-  :class:`StreamingUnavailableError`, saying why and what to use instead, while the package cannot work (it
-  does not import, or it imports but this transformers lacks the generation internals it calls: 4.41+).
+* ``get_class_in_module``: every class transformers loads from remote code is handed to
+  :func:`qwen_ckpt_compat.families.prepare_class`. A model class with the old
+  ``_set_gradient_checkpointing(self, module, value=False)`` is patched right away, before any instance exists
+  (:func:`qwen_ckpt_compat.patching.patch_class`): a model whose ``post_init`` enables checkpointing
+  (Baichuan2's config does) then loads on 4.35.x too, and any later enable call, peft's
+  ``prepare_model_for_kbit_training`` included, is routed as asked. It also gets the APIs transformers removed
+  that its code calls (:mod:`qwen_ckpt_compat.removed_apis`) and its family's repairs
+  (:mod:`qwen_ckpt_compat.families`); a config class of a known family gets the attributes ``PretrainedConfig``
+  carried before 5.0. Native classes and new-API remote code (internlm2, MiniCPM) are returned untouched.
+* ``check_imports``, for *Qwen-style* modules only, those that import ``transformers_stream_generator`` lazily
+  (inside a function body, never at the top). Qwen v1's ``modeling_qwen.py`` imports it inside ``chat_stream()``
+  only, yet transformers demands it when the model loads; installed, the package itself no longer imports on
+  transformers >= 4.57 (it needs ``BeamSearchScorer``, then ``DisjunctiveConstraint``). When it cannot be
+  imported, it is left out of the check; every other import of the file is still checked the way transformers
+  checks it, and import problems of any other package or model are raised as before. ``chat_stream()`` then
+  raises :class:`StreamingUnavailableError`, saying why and what to use instead.
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
-:func:`disable_remote_code_loading` restores the original functions; :func:`enable_remote_code_loading` is the
-explicit API for users who set the environment variable.
+:func:`disable_remote_code_loading` restores transformers' original functions (classes already loaded keep
+their patches; :func:`qwen_ckpt_compat.unpatch` takes a model or a class); :func:`enable_remote_code_loading`
+is the explicit API for users who set the environment variable.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ __all__ = [
     "remote_code_loading_disabled",
     "stream_generator_incompatibility",
     "stream_generator_problem",
+    "wrap_chat_stream",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,20 +177,34 @@ def _stream_unavailable(wrapped: Any, instance: Any, args: tuple, kwargs: dict) 
 
 def _get_class_in_module(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     cls = wrapped(*args, **kwargs)
-    module = sys.modules.get(getattr(cls, "__module__", ""))
-    if isinstance(cls, type) and is_qwen_style_module(getattr(module, "__file__", None)):
+    if isinstance(cls, type):
         prepare_remote_class(cls)
     return cls
 
 
-def prepare_remote_class(cls: type) -> None:
-    """Gives a loaded Qwen-style class the removed APIs it calls and a clear ``chat_stream()`` error."""
-    from .removed_apis import restore_removed_apis
+def prepare_remote_class(cls: type) -> list:
+    """What a class loaded from remote code gets (see :func:`qwen_ckpt_compat.families.prepare_class`)."""
+    from .families import prepare_class
 
-    restore_removed_apis(cls)
+    return prepare_class(cls)
+
+
+def wrap_chat_stream(cls: type) -> list:
+    """Makes a Qwen-style ``chat_stream()`` raise :class:`StreamingUnavailableError` while it cannot stream.
+
+    Only for a class that defines ``chat_stream`` in a Qwen-style module; idempotent.
+
+    Returns:
+        `list[str]`: what was installed now.
+    """
     chat_stream = cls.__dict__.get("chat_stream")
-    if chat_stream is not None and not isinstance(chat_stream, wrapt.FunctionWrapper):
-        wrapt.wrap_function_wrapper(cls, "chat_stream", _stream_unavailable)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
+    if chat_stream is None or isinstance(chat_stream, wrapt.FunctionWrapper):
+        return []
+    if not is_qwen_style_module(getattr(module, "__file__", None)):
+        return []
+    wrapt.wrap_function_wrapper(cls, "chat_stream", _stream_unavailable)
+    return [f"{cls.__qualname__}.chat_stream (StreamingUnavailableError while it cannot stream)"]
 
 
 # ----------------------------------------------------------------------------------------- switching
@@ -200,7 +219,7 @@ def _install(module: Any) -> None:
 
 
 def enable_remote_code_loading() -> None:
-    """Lets Qwen-style remote code load on every transformers release (idempotent).
+    """Patches old-API remote classes when they are loaded, and lets Qwen-style code load everywhere (idempotent).
 
     Takes effect now if transformers' dynamic-module utilities are imported, else as soon as they are.
     """

@@ -12,6 +12,7 @@ from .errors import CheckpointingNotSupportedError, CompatWarning
 from .patching import (
     DEFAULT_CHECKPOINT_KWARGS,
     CheckpointRequest,
+    disable_routed_checkpointing,
     enable_routed_checkpointing,
     patch,
     set_checkpointing_defaults,
@@ -46,8 +47,10 @@ def prepare_for_lora(
         model (`PreTrainedModel` or `peft.PeftModel`):
             The model to prepare; it is changed in place and returned.
         use_gradient_checkpointing (`bool`, *optional*, defaults to `True`):
-            Enable gradient checkpointing now. With `False` the model is only patched and given its defaults,
-            so that a later ``gradient_checkpointing_enable()`` or ``Trainer(gradient_checkpointing=True)`` works.
+            Enable gradient checkpointing now. With `False` checkpointing is **off** afterwards, also where the
+            model turned it on by itself while it was being built (Baichuan2's config does); old remote-code
+            models are still patched and given the defaults, so that a later ``gradient_checkpointing_enable()``
+            or ``Trainer(gradient_checkpointing=True)`` works as asked.
         gradient_checkpointing_kwargs (`dict`, *optional*, defaults to `{"use_reentrant": False}`):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
             non-reentrant variant is used.
@@ -92,10 +95,14 @@ def prepare_for_lora(
         set_checkpointing_defaults(root, request)
         if use_gradient_checkpointing:
             enable_routed_checkpointing(root)
+        else:
+            disable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
         _call_enable(root, request)
         if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
+    elif any(getattr(module, "gradient_checkpointing", False) is True for module in root.modules()):
+        getattr(root, capabilities().enable_method_name.replace("enable", "disable"))()
     config = getattr(root, "config", None)
     if config is not None and getattr(config, "use_cache", False):
         config.use_cache = False

@@ -10,9 +10,15 @@
 * on the same class, wrappers around ``gradient_checkpointing_enable`` / ``activation_checkpointing_enable``
   that only note what the caller asked for (kwargs, ``every_n_layers``, ``offload``), so that "nothing was
   asked" can be told apart from transformers' filled-in defaults;
+* on the same class, around ``_backward_compatibility_gradient_checkpointing`` (where transformers has it): a
+  wrapper that marks an enable call made by transformers while the model is being built (a config that carries
+  a truthy ``gradient_checkpointing``, as Baichuan2's does), so that it can be told from a request and warned about;
 * on the decoder-block and block-owner classes: the ``__call__`` wrappers of :mod:`qwen_ckpt_compat.routing`.
 
-Every wrapper is recorded; :func:`unpatch` puts back the exact original objects. Patching twice is a no-op.
+The first three need the class alone (:func:`patch_class`, which :mod:`qwen_ckpt_compat.loading` calls when
+transformers loads a remote class, before any instance exists); the block wrappers are installed when a model's
+blocks are first routed. Every wrapper is recorded; :func:`unpatch` puts back the exact original objects.
+Patching twice is a no-op.
 """
 
 from __future__ import annotations
@@ -30,14 +36,16 @@ import wrapt
 from . import routing
 from .detection import checkpointing_owners, decoder_block_names, find_checkpointing_class, unwrap_model
 from .errors import CompatWarning
-from .removed_apis import restore_auto_class, restore_removed_apis
+from .removed_apis import restore_auto_class
 
 __all__ = [
     "CheckpointRequest",
     "checkpoint_settings",
     "enable_routed_checkpointing",
+    "disable_routed_checkpointing",
     "is_patched",
     "patch",
+    "patch_class",
     "set_checkpointing_defaults",
     "unpatch",
 ]
@@ -47,6 +55,8 @@ logger = logging.getLogger(__name__)
 #: What is used when nobody asked for anything: the modern, non-reentrant checkpoint.
 DEFAULT_CHECKPOINT_KWARGS: dict = {"use_reentrant": False}
 _ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+# transformers' hook that enables checkpointing from a truthy `config.gradient_checkpointing` inside `post_init`.
+_AUTOMATIC_ENTRY_POINT = "_backward_compatibility_gradient_checkpointing"
 _DEFAULTS_ATTR = "_qcc_checkpointing_defaults"
 _SETTINGS_ATTR = "_qcc_settings"  # the CheckpointSettings in effect, for checkpoint_settings()
 _ABSENT = object()
@@ -104,6 +114,8 @@ class _Patch:
 _PATCHES: dict = {}  # checkpointing class -> _Patch
 # The request noted by the enable wrapper, for the `_set_gradient_checkpointing` call it makes: (model id, request).
 _CURRENT_REQUEST: contextvars.ContextVar = contextvars.ContextVar("qcc_request", default=None)
+# The model whose construction is enabling checkpointing by itself (`_backward_compatibility_gradient_checkpointing`).
+_AUTOMATIC_ENABLE: contextvars.ContextVar = contextvars.ContextVar("qcc_automatic_enable", default=None)
 
 
 # ---------------------------------------------------------------------------------------- the wrappers
@@ -140,6 +152,16 @@ def _note_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -
         _CURRENT_REQUEST.reset(token)
 
 
+def _note_automatic_enable(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrapper for ``_backward_compatibility_gradient_checkpointing``: an enable call inside is nobody's request."""
+    model = instance if instance is not None else args[0]
+    token = _AUTOMATIC_ENABLE.set(id(model))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        _AUTOMATIC_ENABLE.reset(token)
+
+
 def _visible_signature(self, enable: bool = True, gradient_checkpointing_func: Optional[Callable] = None, **kwargs):
     """What ``inspect.signature`` shows for the patched method: the new form, without ``value``."""
 
@@ -171,22 +193,36 @@ def _patch_of(model: torch.nn.Module) -> _Patch:
     return _PATCHES[cls]
 
 
-def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
-    """The owners (what the remote code would flag) and the decoder blocks under them, in model order."""
-    owners = checkpointing_owners(model, state.original)
-    names = set(decoder_block_names(model))
-    seen: set = set()
+def _blocks_under(owners: list, names: set, seen: set) -> list:
     blocks = []
     for owner in owners:
         for module in owner.modules():
             if type(module).__name__ in names and id(module) not in seen:
                 seen.add(id(module))
                 blocks.append(module)
+    return blocks
+
+
+def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
+    """The owners (what the remote code would flag) and the groups of blocks under them, in model order.
+
+    The first group holds the decoder blocks (the classes of ``_no_split_modules``); a further group holds the
+    blocks the model's family adds (:attr:`qwen_ckpt_compat.families.Family.extra_blocks`), counted on their own
+    for ``every_n_layers``.
+    """
+    from .families import family_of
+
+    owners = checkpointing_owners(model, state.original)
+    family = family_of(type(model))
+    seen: set = set()
+    groups = [_blocks_under(owners, set(decoder_block_names(model)), seen)]
+    if family is not None and family.extra_blocks:
+        groups.append(_blocks_under(owners, set(family.extra_blocks), seen))
     for owner in owners:
         state.wrap(type(owner), "__call__", routing.owner_call)
-    for block in blocks:
+    for block in (b for group in groups for b in group):
         state.wrap(type(block), "__call__", routing.checkpointed_block_call)
-    return owners, blocks
+    return owners, groups
 
 
 def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_layers: Optional[int]) -> routing.CheckpointSettings:
@@ -215,16 +251,20 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
 
 def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
     state = _patch_of(model)
-    owners, blocks = _layout(model, state)
+    owners, groups = _layout(model, state)
     if not enable:
-        routing.unroute(model, owners, blocks)
+        routing.unroute(model, owners, [block for group in groups for block in group])
         for owner in owners:
             state.original(model, owner, value=False)
         return
     settings = _settings(model, function, every_n_layers)
     model.__dict__[_SETTINGS_ATTR] = settings
-    if blocks:
-        routing.route(model, owners, blocks, settings)
+    if _AUTOMATIC_ENABLE.get() == id(model):
+        _warn_automatic_enable(model, settings)
+    if groups[0]:
+        routing.route(model, owners, groups[0], settings)
+        for extra in groups[1:]:
+            routing.route(model, [], extra, settings)
         return
     # No decoder blocks to route (no `_no_split_modules`): the remote code's own, reentrant checkpointing.
     for owner in owners:
@@ -240,7 +280,58 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
         )
 
 
+def _warn_automatic_enable(model: Any, settings: routing.CheckpointSettings) -> None:
+    config = getattr(model, "config", None)
+    warnings.warn(
+        f"{type(model).__qualname__} turned gradient checkpointing on by itself while it was being built: its "
+        f"config ({type(config).__qualname__}) carries a truthy `gradient_checkpointing`, which transformers' "
+        "`post_init` turns into an enable call, although nobody asked for checkpointing. qwen-ckpt-compat routes it "
+        f"({settings.kwargs}, every {settings.every_n_layers} block(s)). To turn it off: "
+        "`prepare_for_lora(model, use_gradient_checkpointing=False)` or `model.gradient_checkpointing_disable()`.",
+        CompatWarning,
+        stacklevel=2,
+    )
+
+
+def _clear_input_hooks(model: torch.nn.Module) -> None:
+    """Removes this library's input-embedding hook wherever it sits (a sub-model enabled during construction)."""
+    for module in model.modules():
+        if routing.INPUT_GRADS_HOOK in module.__dict__:
+            module.__dict__.pop(routing.INPUT_GRADS_HOOK).remove()
+
+
 # ---------------------------------------------------------------------------------------- public API
+
+
+def patch_class(cls: type) -> Optional[type]:
+    """Installs the class-level part of :func:`patch` on an old-API remote class, before any instance exists.
+
+    Wraps, on the class that defines the old ``_set_gradient_checkpointing(self, module, value=False)``:
+    that method, the enable methods and transformers' ``_backward_compatibility_gradient_checkpointing``. The
+    decoder blocks are laid out per instance, when checkpointing is first enabled. Idempotent; reversed by
+    :func:`unpatch` (which accepts the class too).
+
+    Args:
+        cls (`type`): a model class loaded from remote code (any class of its MRO will do).
+
+    Returns:
+        `type` or `None`: the class that defines the old method (now patched), or `None` when ``cls`` does not
+        use the old form (native transformers classes and new-API remote code are never touched).
+    """
+    checkpointing_class = find_checkpointing_class(cls)
+    if checkpointing_class is None:
+        return None
+    if checkpointing_class not in _PATCHES:
+        state = _Patch(original=checkpointing_class.__dict__["_set_gradient_checkpointing"])
+        state.wrap(checkpointing_class, "_set_gradient_checkpointing", _set_gradient_checkpointing)
+        for name in _ENTRY_POINTS:
+            if hasattr(checkpointing_class, name):
+                state.wrap(checkpointing_class, name, _note_request)
+        if hasattr(checkpointing_class, _AUTOMATIC_ENTRY_POINT):
+            state.wrap(checkpointing_class, _AUTOMATIC_ENTRY_POINT, _note_automatic_enable)
+        _PATCHES[checkpointing_class] = state
+    return checkpointing_class
+
 
 
 def patch(model: Any) -> Any:
@@ -260,19 +351,14 @@ def patch(model: Any) -> Any:
         `UnsupportedModelError`: ``model`` is not a transformers model (or a peft model around one).
     """
     root = unwrap_model(model)
-    cls = find_checkpointing_class(root)
+    cls = patch_class(type(root))
     if cls is None:
         return model
-    restore_removed_apis(type(root))  # e.g. get_head_mask on 5.x, when loaded before the import hook
+    from .families import prepare_model
+
+    prepare_model(root)  # removed-API and family repairs, when loaded before the import hook
     restore_auto_class(root)  # so that save_pretrained copies the remote code (4.45-4.52 forgot it)
-    state = _PATCHES.get(cls)
-    if state is None:
-        state = _Patch(original=cls.__dict__["_set_gradient_checkpointing"])
-        state.wrap(cls, "_set_gradient_checkpointing", _set_gradient_checkpointing)
-        for name in _ENTRY_POINTS:
-            if hasattr(cls, name):
-                state.wrap(cls, name, _note_request)
-        _PATCHES[cls] = state
+    state = _PATCHES[cls]
     owners, _ = _layout(root, state)
     if any(owner.__dict__.get(routing.FLAG) for owner in owners):
         _toggle(root, True, None, None)
@@ -280,20 +366,32 @@ def patch(model: Any) -> Any:
 
 
 def unpatch(model: Any) -> Any:
-    """Undoes :func:`patch` for the classes of ``model`` and clears this library's state on ``model``.
+    """Undoes :func:`patch` (or :func:`patch_class`) and clears this library's state on ``model``.
 
     The original functions are put back as they were (the same objects). Checkpointing on ``model`` is
     off afterwards; other instances of the same classes lose their routed checkpointing too.
 
+    Args:
+        model (`PreTrainedModel`, `peft.PeftModel` or `type`): a model, or a remote model class (then only the
+            class-level wrappers are removed).
+
     Returns:
         The same ``model``.
     """
+    if isinstance(model, type):
+        cls = find_checkpointing_class(model)
+        state = _PATCHES.pop(cls, None) if cls is not None else None
+        if state is not None:
+            state.restore()
+        return model
     root = unwrap_model(model)
     cls = find_checkpointing_class(root)
     state = _PATCHES.pop(cls, None) if cls is not None else None
     routing.clear(root)
-    root.__dict__.pop(_DEFAULTS_ATTR, None)
-    root.__dict__.pop(_SETTINGS_ATTR, None)
+    _clear_input_hooks(root)
+    for module in root.modules():
+        module.__dict__.pop(_DEFAULTS_ATTR, None)
+        module.__dict__.pop(_SETTINGS_ATTR, None)
     if state is not None:
         state.restore()
     return model
@@ -316,11 +414,29 @@ def enable_routed_checkpointing(model: Any) -> None:
     _toggle(unwrap_model(model), True, None, None)
 
 
+def disable_routed_checkpointing(model: Any) -> None:
+    """Turns routed checkpointing off on a patched model (the blocks run their plain forward again).
+
+    Also clears what a sub-model enabled by itself while it was being built (Baichuan2's config does that).
+    """
+    root = unwrap_model(model)
+    _toggle(root, False, None, None)
+    _clear_input_hooks(root)
+
+
 def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
     """Stores what ``model`` checkpoints with when an enable call expresses no preference."""
     unwrap_model(model).__dict__[_DEFAULTS_ATTR] = request
 
 
 def checkpoint_settings(model: Any) -> Optional[routing.CheckpointSettings]:
-    """The settings routed checkpointing was last enabled with on ``model``, or ``None``."""
-    return unwrap_model(model).__dict__.get(_SETTINGS_ATTR)
+    """The settings routed checkpointing was last enabled with on ``model``, or ``None``.
+
+    A model that enabled checkpointing by itself while it was being built did so on the sub-model whose
+    ``post_init`` ran first; its settings are found there when the model itself has none.
+    """
+    root = unwrap_model(model)
+    for module in root.modules():
+        if _SETTINGS_ATTR in module.__dict__:
+            return module.__dict__[_SETTINGS_ATTR]
+    return None

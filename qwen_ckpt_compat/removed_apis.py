@@ -21,18 +21,55 @@ where the class needs it, which is found by looking at the classes (never at the
   ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote code that
   initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with random ones.
 
+On the remote **config** classes (:func:`restore_config_attributes`):
+
+* The generation defaults ``PretrainedConfig`` carried before 5.0 (``max_length=20``, ``num_beams=1``, ...):
+  ChatGLM2/3 reads ``config.max_length`` while the model is built. They are answered, where the config has no
+  such attribute, by a ``__getattr__`` on the remote config class, never stored on the instance, so that 5.x's
+  checks for generation parameters in a model config (``save_pretrained``, ``generate``) do not see them.
+* ``use_cache`` given to ``PretrainedConfig.__init__`` (from ``config.json``): 5.x drops it as a generation
+  parameter, so a config class that does not set it itself (ChatGLM2/3's) has none; it is kept, as before 5.0.
+
+On the model's **construction** (:func:`record_construction`, :func:`recompute_non_persistent_buffers`):
+
+* Non-persistent buffers computed in ``__init__`` (rotary tables: InternLM's ``inv_freq``, ``cos_cached``,
+  ``sin_cached``). 5.x builds the model on the meta device and then gives every non-persistent buffer, which no
+  checkpoint holds, uninitialised memory (``torch.empty_like``); native models recompute theirs in
+  ``_init_weights``, remote code of 2023 does not, and its forward then reads garbage (InternLM: a NaN loss).
+  The arguments each such module was built with are recorded when it is built; after loading, a fresh copy is
+  built from them (on the CPU, outside the meta device) and every non-persistent buffer that differs from what
+  ``__init__`` computes is replaced. On releases that build models on a real device nothing differs and
+  nothing is replaced.
+* ``post_init()`` never called: 5.x's ``from_pretrained`` reads state that ``post_init`` records
+  (``all_tied_weights_keys``), and ChatGLM2/3's model classes never call it (4.x did not need it). Where the
+  finished model lacks that state, ``post_init()`` is run once at the end of its construction.
+
 Every fix is idempotent; :func:`restore_removed_apis` returns what it installed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from typing import Any, Callable, Optional
+import sys
+import types
+import weakref
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import wrapt
 
-__all__ = ["REPLACEMENTS", "get_head_mask", "restore_auto_class", "restore_removed_apis"]
+__all__ = [
+    "PRE_5_CONFIG_DEFAULTS",
+    "REPLACEMENTS",
+    "get_head_mask",
+    "record_construction",
+    "recompute_non_persistent_buffers",
+    "repair_after_loading",
+    "restore_auto_class",
+    "restore_config_attributes",
+    "restore_removed_apis",
+]
 
 _INSTALLED_MARK = "_qcc_replacement"
 
@@ -178,10 +215,32 @@ def _generation_mixin() -> Optional[type]:
 # --------------------------------------------------------------------------------------- installers
 
 
+def _code_names(function: Any) -> set:
+    """Every global and attribute name a function's code (nested functions included) refers to."""
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    names: set = set()
+    stack = [code] if code is not None else []
+    while stack:
+        current = stack.pop()
+        names.update(current.co_names)
+        stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+def _remote_code_uses(cls: type, name: str) -> bool:
+    """Whether the remote code ``cls`` comes from refers to ``name`` (read off the byte code of its classes)."""
+    for module in _remote_package_modules(cls):
+        for value in list(vars(module).values()):
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                if any(name in _code_names(member) for member in vars(value).values()):
+                    return True
+    return False
+
+
 def _restore_missing_methods(base: type) -> list:
     installed = []
     for name, function in REPLACEMENTS.items():
-        if not hasattr(base, name):
+        if not hasattr(base, name) and _remote_code_uses(base, name):
             setattr(base, name, function)
             installed.append(name)
     return installed
@@ -293,3 +352,241 @@ def restore_removed_apis(cls: type) -> list[str]:
     installed += _restore_past_key_values_argument(classes)
     installed += _protect_loaded_weights(classes, base)
     return installed
+
+
+# ------------------------------------------------------------------------------------ config classes
+
+#: What ``PretrainedConfig.__init__`` gave every config before 5.0 (transformers 4.55.4's generation defaults),
+#: plus ``use_cache``, which config classes of that era received from ``config.json`` and GenerationConfig
+#: defaults to ``True``. Served only for names the installed ``PretrainedConfig`` no longer carries.
+PRE_5_CONFIG_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "use_cache": True,
+}
+_KEPT_FROM_INIT = ("use_cache",)
+_MISSING = object()
+
+
+def _dropped_config_defaults() -> dict:
+    """The names of :data:`PRE_5_CONFIG_DEFAULTS` a fresh ``PretrainedConfig`` no longer has, with their values."""
+    from transformers import PretrainedConfig
+
+    fresh = PretrainedConfig()
+    return {name: value for name, value in PRE_5_CONFIG_DEFAULTS.items() if not hasattr(fresh, name)}
+
+
+def _is_remote_config_class(cls: type) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(cls, type) and issubclass(cls, PretrainedConfig) and not _is_transformers_class(cls)
+
+
+def _served_name(config: Any, name: str) -> bool:
+    """``name`` is answered by the library's ``__getattr__`` (neither the instance nor its class has it)."""
+    return name not in vars(config) and inspect.getattr_static(type(config), name, _MISSING) is _MISSING
+
+
+def _make_config_getattr(served: dict, inherited: Optional[Callable]) -> Callable:
+    def __getattr__(self: Any, name: str) -> Any:
+        """Answers the attributes ``PretrainedConfig`` carried before 5.0 with their old defaults."""
+        if name in served:
+            return served[name]
+        if inherited is not None:
+            return inherited(self, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    __getattr__.__dict__[_INSTALLED_MARK] = True
+    return __getattr__
+
+
+def _without_served_defaults(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``_get_generation_parameters`` that does not count the old defaults answered by ``__getattr__``."""
+    found = wrapped(*args, **kwargs)
+    return {name: value for name, value in found.items() if not _served_name(instance, name)}
+
+
+def _keep_init_values(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """The remote config's ``__init__``: ``use_cache`` given to it stays on the config, as before 5.0."""
+    result = wrapped(*args, **kwargs)
+    for name in _KEPT_FROM_INIT:
+        if name in kwargs and name not in vars(instance):
+            setattr(instance, name, kwargs[name])
+    return result
+
+
+def restore_config_attributes(cls: type) -> list[str]:
+    """Gives a remote config class the attributes ``PretrainedConfig`` carried before 5.0 (see the module doc).
+
+    Detected: only the names a fresh ``PretrainedConfig`` of the installed transformers lacks are answered, and
+    only on remote config classes (never on transformers' own). Idempotent.
+
+    Args:
+        cls (`type`): a config class loaded from remote code.
+
+    Returns:
+        `list[str]`: what was installed now.
+    """
+    if not _is_remote_config_class(cls) or isinstance(cls.__dict__.get("__getattr__"), types.FunctionType) and (
+        cls.__dict__["__getattr__"].__dict__.get(_INSTALLED_MARK)
+    ):
+        return []
+    served = _dropped_config_defaults()
+    if not served:
+        return []  # this PretrainedConfig still carries every one of them
+    installed = []
+    inherited = getattr(cls, "__getattr__", None)
+    cls.__getattr__ = _make_config_getattr(served, inherited)  # type: ignore[method-assign]
+    installed.append(f"{cls.__qualname__}.__getattr__({', '.join(sorted(served))})")
+    if hasattr(cls, "_get_generation_parameters"):
+        wrapt.wrap_function_wrapper(cls, "_get_generation_parameters", _without_served_defaults)
+        installed.append(f"{cls.__qualname__}._get_generation_parameters (without the served defaults)")
+    if "__init__" in cls.__dict__ and any(name in served for name in _KEPT_FROM_INIT):
+        wrapt.wrap_function_wrapper(cls, "__init__", _keep_init_values)
+        installed.append(f"{cls.__qualname__}.__init__ (keeps {', '.join(_KEPT_FROM_INIT)})")
+    return installed
+
+
+# ---------------------------------------------------------------------------------------- construction
+
+# module -> (args, kwargs) it was built with, for the modules of remote code that register buffers in __init__.
+_RECIPES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _record_arguments(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    result = wrapped(*args, **kwargs)
+    if instance is None or not getattr(instance, "_non_persistent_buffers_set", None):
+        return result
+    # Only the outermost __init__ of the instance's class knows the arguments that build it again (a parent's
+    # __init__, reached through super(), gets the parent's arguments).
+    outermost = inspect.getattr_static(type(instance), "__init__", None)
+    if getattr(outermost, "__wrapped__", None) is getattr(wrapped, "__func__", wrapped):
+        _RECIPES[instance] = (args, dict(kwargs))
+    return result
+
+
+def _remote_package_modules(cls: type) -> list:
+    """The modules of the remote-code package ``cls`` was loaded from (``transformers_modules.<repo>...``)."""
+    package = cls.__module__.rpartition(".")[0]
+    return [module for name, module in list(sys.modules.items()) if module is not None and name.rpartition(".")[0] == package]
+
+
+def record_construction(cls: type) -> list[str]:
+    """Records the arguments remote modules that register buffers in ``__init__`` are built with.
+
+    Wraps the ``__init__`` of every ``torch.nn.Module`` class of the remote-code package of ``cls`` (not the
+    ``PreTrainedModel`` classes) whose ``__init__`` calls ``register_buffer``, so that
+    :func:`recompute_non_persistent_buffers` can build a fresh copy after loading. Idempotent.
+
+    Returns:
+        `list[str]`: the classes wrapped now.
+    """
+    from transformers import PreTrainedModel
+
+    installed = []
+    for module in _remote_package_modules(cls):
+        for value in list(vars(module).values()):
+            if not (isinstance(value, type) and issubclass(value, torch.nn.Module)) or issubclass(value, PreTrainedModel):
+                continue
+            if value.__module__ != module.__name__:
+                continue  # imported from elsewhere: wrapped where it is defined, if it is remote code
+            init = value.__dict__.get("__init__")
+            if init is None or isinstance(init, wrapt.FunctionWrapper) or "register_buffer" not in _code_names(init):
+                continue
+            wrapt.wrap_function_wrapper(value, "__init__", _record_arguments)
+            installed.append(f"{value.__qualname__}.__init__")
+    return installed
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    if dtype.is_floating_point:
+        torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def recompute_non_persistent_buffers(model: torch.nn.Module) -> list[str]:
+    """Gives every non-persistent buffer of ``model`` the value its module's ``__init__`` computes.
+
+    Only modules whose construction was recorded (:func:`record_construction`) are looked at. For each, a
+    fresh copy is built from the recorded arguments on the CPU (with the model's dtype as the default, as
+    ``from_pretrained`` builds models), and each of its non-persistent buffers that differs from the model's
+    (5.x leaves them uninitialised after a meta-device load) is replaced, on the buffer's device and in its dtype.
+
+    Returns:
+        `list[str]`: the names of the buffers replaced (empty where loading left them right).
+    """
+    replaced = []
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    for name, module in model.named_modules():
+        recipe = _RECIPES.get(module)
+        names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if module._buffers.get(n) is not None]
+        if recipe is None or not names:
+            continue
+        args, kwargs = recipe
+        with torch.device("cpu"), _default_dtype(dtype):
+            fresh = type(module)(*args, **kwargs)
+        for buffer_name in names:
+            current = module._buffers[buffer_name]
+            expected = fresh._buffers.get(buffer_name)
+            if expected is None or expected.shape != current.shape:
+                continue
+            expected = expected.to(device=current.device, dtype=current.dtype)
+            if current.device.type != "meta" and torch.equal(current, expected):
+                continue
+            module._buffers[buffer_name] = expected
+            replaced.append(f"{name}.{buffer_name}" if name else buffer_name)
+    return replaced
+
+
+def _after_loading(repair: Callable[[Any], Any]) -> Callable:
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        loaded = wrapped(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
+        if isinstance(model, torch.nn.Module):
+            repair(model)
+        return loaded
+
+    return wrapper
+
+
+def repair_after_loading(cls: type, repair: Callable[[Any], Any]) -> list[str]:
+    """Wraps ``cls.from_pretrained`` so that ``repair(model)`` runs on every model it loads. Idempotent.
+
+    The per-model repairs (non-persistent buffers, above all) need the finished model; ``from_pretrained`` of
+    the remote class is the one place every release goes through after loading the weights.
+
+    Returns:
+        `list[str]`: what was installed now.
+    """
+    if isinstance(cls.__dict__.get("from_pretrained"), wrapt.FunctionWrapper):
+        return []
+    wrapt.wrap_function_wrapper(cls, "from_pretrained", _after_loading(repair))
+    return [f"{cls.__qualname__}.from_pretrained (repairs after loading)"]

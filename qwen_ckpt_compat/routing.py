@@ -100,9 +100,22 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
     state = instance.__dict__
     if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
+    if not _gradient_can_flow(instance, args, kwargs):
+        return wrapped(*args, **kwargs)  # nothing would be saved for a backward pass: nothing to recompute
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
     return state[FUNC](functools.partial(wrapped, **kwargs), *args)
+
+
+def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether a gradient can flow through this call: a parameter of the block or a tensor input requires one.
+
+    A frozen block fed with inputs that need no gradient (a frozen vision tower) keeps no activations for the
+    backward pass, so checkpointing it would only run it twice for nothing (and torch's reentrant variant warns).
+    """
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+        return True
+    return any(parameter.requires_grad for parameter in block.parameters())
 
 
 @functools.lru_cache(maxsize=None)

@@ -131,3 +131,28 @@ def reentrant_in_effect(model) -> bool:
         step_grads(model)
     assert seen, "the final norm never ran"
     return "CheckpointFunction" in (seen[0] or "")
+
+
+def fresh_dir(tmp_path, write, name: str = "model", **kwargs):
+    """A model folder with a name of its own, hence its own `transformers_modules.*` classes (loaded afresh).
+
+    transformers names the dynamic module after the folder (plus, on 5.x, a hash of the code) and reuses the
+    classes of a folder it has loaded before, without going through its loader again.
+    """
+    import re
+
+    return write(tmp_path / re.sub(r"\W", "_", f"{tmp_path.name}_{name}"), **kwargs)
+
+
+@contextlib.contextmanager
+def spy_checkpoint(monkeypatch) -> Iterator[list]:
+    """Records the keyword arguments of every ``torch.utils.checkpoint.checkpoint`` call."""
+    calls: list = []
+    real = torch.utils.checkpoint.checkpoint
+
+    def spy(function, *args, **kwargs):
+        calls.append(dict(kwargs))
+        return real(function, *args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
+    yield calls

@@ -163,14 +163,21 @@ def test_bad_models_get_a_type_error_naming_them(bad, shown):
     assert isinstance(info.value, TypeError)
 
 
+def _library_state(model) -> tuple:
+    """What prepare_for_lora may change: the class patch, the library's attributes, hooks, use_cache."""
+    attributes = sorted((name, a) for name, m in model.named_modules() for a in vars(m) if a.startswith("_qcc"))
+    return is_patched(model), attributes, _input_hooks(model), checkpointing_on(model), model.config.use_cache
+
+
 def test_a_model_that_cannot_checkpoint_gets_a_value_error(qwen):
     qwen.supports_gradient_checkpointing = False
+    before = _library_state(qwen)
     with pytest.raises(CheckpointingNotSupportedError, match="QWenLMHeadModel.*does not support") as info:
         prepare_for_lora(qwen)
     assert isinstance(info.value, ValueError)
-    assert not is_patched(qwen), "nothing half-patched"
+    assert _library_state(qwen) == before, "nothing half-prepared"
     prepare_for_lora(qwen, use_gradient_checkpointing=False)
-    assert is_patched(qwen)
+    assert is_patched(qwen) and not checkpointing_on(qwen)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +191,8 @@ def test_a_model_that_cannot_checkpoint_gets_a_value_error(qwen):
     ],
 )
 def test_bad_options_are_rejected_before_anything_changes(qwen, options, error):
+    before = _library_state(qwen)
     with pytest.raises(error):
         prepare_for_lora(qwen, **options)
-    assert not is_patched(qwen)
+    assert _library_state(qwen) == before
     assert qwen.config.use_cache is True

@@ -79,7 +79,9 @@ def test_patch_twice_is_a_silent_noop(qwen, recwarn):
 @pytest.mark.behaviour("unpatch")
 def test_unpatch_restores_the_exact_original_objects(qwen):
     cls, block_cls, owner_cls = _classes(qwen)
+    unpatch(qwen)  # the class was patched when it was loaded (the import hook); this gives back the originals
     original = cls.__dict__["_set_gradient_checkpointing"]
+    assert original is inspect.unwrap(original) and original.__module__ == cls.__module__
     before = {k: dict(vars(k)) for k in (cls, block_cls, owner_cls)}
     patch(qwen)
     assert is_patched(qwen) and is_patched(cls)
@@ -102,6 +104,7 @@ def test_unpatch_restores_the_exact_original_objects(qwen):
 
 def test_unpatch_of_an_unpatched_model_is_harmless(qwen):
     cls, _, _ = _classes(qwen)
+    unpatch(qwen)
     original = cls.__dict__["_set_gradient_checkpointing"]
     unpatch(qwen)
     assert cls.__dict__["_set_gradient_checkpointing"] is original
@@ -111,7 +114,7 @@ def test_several_remote_classes_side_by_side(qwen, tmp_path):
     other = load_qwen(write_tiny_qwen(tmp_path / "second_tiny_qwen", num_hidden_layers=3))
     cls_a, cls_b = _classes(qwen)[0], _classes(other)[0]
     assert cls_a is not cls_b, "two model directories give two remote modules"
-    original_b = cls_b.__dict__["_set_gradient_checkpointing"]
+    original_b = inspect.unwrap(cls_b.__dict__["_set_gradient_checkpointing"])
     patch(qwen)
     patch(other)
     assert is_patched(qwen) and is_patched(other)
@@ -132,6 +135,7 @@ def test_several_remote_classes_side_by_side(qwen, tmp_path):
 
 def test_patch_takes_over_checkpointing_enabled_by_the_remote_code(qwen):
     """Enabled the old way before patching (e.g. on <= 4.34): the remote code's own reentrant path is replaced."""
+    unpatch(qwen)  # as if loaded before the import: the class was patched when it was loaded
     qwen.apply(functools.partial(qwen._set_gradient_checkpointing, value=True))  # the remote method itself
     assert qwen.transformer.gradient_checkpointing is True
     patch(qwen)

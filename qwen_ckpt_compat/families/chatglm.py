@@ -1,0 +1,30 @@
+"""ChatGLM2-6B and ChatGLM3-6B (``model_type`` "chatglm").
+
+Facts (``shared/FAMILIES_FACTS.md``): ``ChatGLMPreTrainedModel`` holds the old API; its owner is
+``GLMTransformer`` (``ChatGLMModel.encoder``), whose ``forward(hidden_states, attention_mask, rotary_pos_emb,
+kv_caches=None, use_cache=True, output_hidden_states=False)`` calls each ``GLMBlock`` positionally, with
+sequence-first hidden states ``[seq, batch, hidden]``, and, when checkpointing, ``checkpoint(layer, ...)`` with
+every argument positional. ``ChatGLMForConditionalGeneration.__init__`` reads ``config.max_length``, which the
+config class never sets: it relied on the generation defaults ``PretrainedConfig`` carried before 5.0, so on
+5.x the model does not even load.
+
+Repairs (generic, detected, in :mod:`qwen_ckpt_compat.removed_apis`): the config attributes of
+``PretrainedConfig`` before 5.0 (``max_length`` and the other generation defaults, and ``use_cache`` from
+``config.json``, which 5.x drops), and ``post_init()``, which ChatGLM's model classes never call and 5.x's
+``from_pretrained`` depends on.
+"""
+
+from __future__ import annotations
+
+from . import Family
+
+FAMILY = Family(
+    name="chatglm",
+    title="ChatGLM2-6B, ChatGLM3-6B",
+    model_types=("chatglm",),
+    checkpointed="each GLMBlock (sequence-first hidden states, called positionally by GLMTransformer)",
+    caveats=(
+        "On transformers 5.x the config answers `max_length` and the other generation defaults of "
+        "`PretrainedConfig` before 5.0 (never saved to config.json), and `use_cache` from config.json is kept.",
+    ),
+)

@@ -1,0 +1,35 @@
+"""Qwen v1: Qwen-7B/14B/72B(-Chat) (``model_type`` "qwen"), the family this library was written for.
+
+Facts (``shared/QWEN_V1_FACTS.md``): ``QWenPreTrainedModel`` holds the old API, its owner is ``QWenModel``
+(``transformer``), the blocks are ``QWenBlock`` (in ``_no_split_modules``), hidden states are batch-first and
+the owner checkpoints them through a ``create_custom_forward`` closure. ``modeling_qwen.py`` imports
+``transformers_stream_generator`` inside ``chat_stream()`` only, which transformers' load-time import check
+demands and which no longer imports on transformers >= 4.57. 5.x removed ``get_head_mask``, which its forward
+calls (:mod:`qwen_ckpt_compat.removed_apis`).
+
+Its own repair: ``chat_stream()`` raises :class:`~qwen_ckpt_compat.StreamingUnavailableError` while streaming
+cannot work (:func:`qwen_ckpt_compat.loading.wrap_chat_stream`).
+"""
+
+from __future__ import annotations
+
+from . import Family
+
+
+def _prepare_class(cls: type) -> list:
+    from ..loading import wrap_chat_stream
+
+    return wrap_chat_stream(cls)
+
+
+FAMILY = Family(
+    name="qwen",
+    title="Qwen v1 (Qwen-7B, Qwen-14B, Qwen-72B and their -Chat models)",
+    model_types=("qwen",),
+    checkpointed="each QWenBlock, through the requested checkpoint function",
+    caveats=(
+        "`chat_stream()` needs transformers_stream_generator, which works up to transformers 4.40 only; "
+        "elsewhere it raises StreamingUnavailableError (use `chat()` or a TextIteratorStreamer).",
+    ),
+    prepare_class=_prepare_class,
+)
