@@ -17,6 +17,10 @@ where the class needs it, which is found by looking at the classes (never at the
 * The cache's keyword (5.24 renamed ``past_key_values`` to ``cache``): a ``prepare_inputs_for_generation``
   written for ``past_key_values`` gets the model's past under that name again, so that decoding uses it
   instead of recomputing the whole sequence at every step.
+* Position ids of the tokens fed: later 5.x ``generate`` builds ``position_ids`` for the whole sequence and
+  hands them to every step; a ``prepare_inputs_for_generation`` that passes ``position_ids`` on (LLaMA-era:
+  InternLM, Baichuan2-7B) cut only those it computed itself, so the last token came with every position. The
+  positions returned are cut to the ids returned.
 * Loaded weights left alone (5.0 until transformers protected remote code again): 5.0 runs the model's
   ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote code that
   initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with random ones.
@@ -145,6 +149,23 @@ def _past_under_its_old_name(wrapped: Callable, instance: Any, args: tuple, kwar
         kwargs = dict(kwargs)
         kwargs["past_key_values"] = kwargs.pop("cache")
     return wrapped(*args, **kwargs)
+
+
+def _positions_of_the_tokens_fed(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrapper of a remote ``prepare_inputs_for_generation`` that passes ``position_ids`` on as it gets them.
+
+    ``generate`` of later 5.x releases builds ``position_ids`` for the whole sequence itself and hands them to every
+    step, relying on the model's ``prepare_inputs_for_generation`` to keep those of the new tokens; code written
+    when ``generate`` passed none (LLaMA-era: it cuts only the ids it computes itself from the attention mask)
+    fed a whole sequence of positions with the last token alone. The positions returned are cut to the ids
+    returned: the last ``input_ids.shape[-1]`` of them.
+    """
+    inputs = wrapped(*args, **kwargs)
+    ids, positions = inputs.get("input_ids"), inputs.get("position_ids")
+    if isinstance(ids, torch.Tensor) and isinstance(positions, torch.Tensor) and positions.shape[-1] > ids.shape[-1]:
+        inputs = dict(inputs)
+        inputs["position_ids"] = positions[..., -ids.shape[-1] :]
+    return inputs
 
 
 def _make_loaded_weights_guard(inherited: Callable[..., Any]) -> Callable[..., Any]:
@@ -283,13 +304,45 @@ def _restore_past_key_values_argument(classes: list) -> list:
     installed = []
     for klass in classes:
         function = klass.__dict__.get("prepare_inputs_for_generation")
-        if function is None or isinstance(function, wrapt.FunctionWrapper):
+        if function is None or _INSTALLED_MARK in getattr(function, "__dict__", {}) or hasattr(function, "__wrapped__"):
             continue
         parameters = _parameters(function)
         if "past_key_values" in parameters and "cache" not in parameters:
             wrapt.wrap_function_wrapper(klass, "prepare_inputs_for_generation", _past_under_its_old_name)
             installed.append(f"{klass.__qualname__}.prepare_inputs_for_generation(cache -> past_key_values)")
     return installed
+
+
+def _passes_position_ids_on(function: Any) -> bool:
+    """Whether a ``prepare_inputs_for_generation`` reads ``position_ids`` (a parameter, or from ``kwargs``)."""
+    code = getattr(inspect.unwrap(function), "__code__", None)
+    return code is not None and ("position_ids" in code.co_varnames or "position_ids" in code.co_consts)
+
+
+def _restore_position_ids_of_new_tokens(classes: list) -> list:
+    """``generate`` hands whole-sequence ``position_ids`` to every step (later 5.x): keep those of the tokens fed."""
+    mixin = _generation_mixin()
+    if mixin is None or not hasattr(mixin, "_prepare_position_ids_for_generation"):
+        return []  # generate passes no position_ids of its own
+    installed = []
+    for klass in classes:
+        function = klass.__dict__.get("prepare_inputs_for_generation")
+        if function is None or not _passes_position_ids_on(function):
+            continue
+        if any(getattr(w, "_self_wrapper", None) is _positions_of_the_tokens_fed for w in _wrappers(function)):
+            continue
+        wrapt.wrap_function_wrapper(klass, "prepare_inputs_for_generation", _positions_of_the_tokens_fed)
+        installed.append(f"{klass.__qualname__}.prepare_inputs_for_generation (position_ids of the tokens fed)")
+    return installed
+
+
+def _wrappers(function: Any) -> list:
+    """The chain of wrapt wrappers around ``function``, outermost first."""
+    chain = []
+    while isinstance(function, wrapt.ObjectProxy):
+        chain.append(function)
+        function = function.__wrapped__
+    return chain
 
 
 def _protect_loaded_weights(classes: list, base: type) -> list:
@@ -307,6 +360,35 @@ def _protect_loaded_weights(classes: list, base: type) -> list:
         return []
     setattr(base, "_initialize_weights", _make_loaded_weights_guard(inherited))  # noqa: B010
     return ["_initialize_weights"]
+
+
+# What `post_init()` records and `from_pretrained` reads (5.x); its absence after construction means post_init never ran.
+_POST_INIT_STATE = "all_tied_weights_keys"
+
+
+def _post_init_after_construction(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """The remote class's ``__init__``: runs ``post_init()`` at the end where the remote code never called it."""
+    result = wrapped(*args, **kwargs)
+    outermost = inspect.getattr_static(type(instance), "__init__", None)
+    is_outermost = getattr(outermost, "__wrapped__", None) is getattr(wrapped, "__func__", wrapped)
+    if instance is not None and is_outermost and _POST_INIT_STATE not in vars(instance):
+        instance.post_init()
+    return result
+
+
+def _restore_post_init(classes: list) -> list:
+    """``post_init()`` for remote classes whose construction never calls it, where loading depends on it."""
+    from transformers import PreTrainedModel
+
+    if _POST_INIT_STATE not in _code_names(PreTrainedModel.post_init) or hasattr(PreTrainedModel, _POST_INIT_STATE):
+        return []  # this release's loading does not read anything post_init records
+    builder = next((klass for klass in classes if "__init__" in klass.__dict__), None)
+    if builder is None or isinstance(builder.__dict__["__init__"], wrapt.FunctionWrapper):
+        return []
+    if "post_init" in _code_names(builder.__dict__["__init__"]):
+        return []  # the remote code calls it itself
+    wrapt.wrap_function_wrapper(builder, "__init__", _post_init_after_construction)
+    return [f"{builder.__qualname__}.__init__ (+ post_init())"]
 
 
 def restore_auto_class(model: Any) -> list[str]:
@@ -350,7 +432,9 @@ def restore_removed_apis(cls: type) -> list[str]:
     installed += _restore_generation_mixin(classes)
     installed += _restore_legacy_caches(classes, base)
     installed += _restore_past_key_values_argument(classes)
+    installed += _restore_position_ids_of_new_tokens(classes)
     installed += _protect_loaded_weights(classes, base)
+    installed += _restore_post_init(classes)
     return installed
 
 

@@ -1,4 +1,11 @@
-"""A tiny, faithful Qwen v1 remote-code model for tests and for downstream CI.
+"""Tiny, faithful remote-code models of the old-API families, for tests and for downstream CI.
+
+Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`), Baichuan2 (:func:`write_tiny_baichuan`), InternLM v1
+(:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), and a model already on transformers' new
+checkpointing API (:func:`write_tiny_new_api_model`); :data:`TINY_FAMILIES` lists them with what tests need to
+know about each. Every one is written from the documented interface of the real remote code (see each file's
+header), not copied from it.
+
 
 The remote-code files in ``qwen_v1/`` are an independent re-implementation of the interface of the Qwen v1
 (Qwen-7B/14B-Chat) remote code: the same class and module names, the old
@@ -24,12 +31,32 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Tuple, Union
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Union
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["REMOTE_CODE_DIR", "REMOTE_CODE_FILES", "TARGET_MODULES", "load_tiny_qwen", "write_tiny_qwen"]
+__all__ = [
+    "REMOTE_CODE_DIR",
+    "REMOTE_CODE_FILES",
+    "TARGET_MODULES",
+    "TINY_FAMILIES",
+    "TinyFamily",
+    "load_tiny_baichuan",
+    "load_tiny_chatglm",
+    "load_tiny_internlm",
+    "load_tiny_new_api_model",
+    "load_tiny_qwen",
+    "load_tiny_qwen_vl",
+    "qwen_vl_image_span",
+    "write_tiny_baichuan",
+    "write_tiny_chatglm",
+    "write_tiny_internlm",
+    "write_tiny_new_api_model",
+    "write_tiny_qwen",
+    "write_tiny_qwen_vl",
+]
 
 TARGET_MODULES: Tuple[str, ...] = ("c_attn", "c_proj", "w1", "w2")
 """The LoRA target modules Qwen v1 users pass to peft (``c_proj`` matches both attention and MLP)."""
@@ -236,3 +263,60 @@ def load_tiny_qwen(path: Union[str, os.PathLike], **kwargs: Any) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(os.fspath(path), trust_remote_code=True, **kwargs)
+
+
+from ._baichuan import load_tiny_baichuan, write_tiny_baichuan  # noqa: E402
+from ._chatglm import load_tiny_chatglm, write_tiny_chatglm  # noqa: E402
+from ._internlm import load_tiny_internlm, write_tiny_internlm  # noqa: E402
+from ._new_api import load_tiny_new_api_model, write_tiny_new_api_model  # noqa: E402
+from ._qwen_vl import load_tiny_qwen_vl, qwen_vl_image_span, write_tiny_qwen_vl  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TinyFamily:
+    """One tiny fixture, and what a test needs to know about it.
+
+    Attributes:
+        name (`str`): the family's name in :mod:`qwen_ckpt_compat.families`.
+        write (`Callable`): ``write(path, **config_overrides)`` writes the model directory.
+        load (`Callable`): ``load(path, **from_pretrained_kwargs)`` loads it as users do.
+        target_modules (`tuple[str, ...]`): LoRA targets users of that family pass to peft.
+        block (`str`): class name of its decoder blocks.
+        final_norm (`str`): name of the module the last block's output goes through.
+        vocab_size (`int`): ids of a test batch are drawn below it.
+        packages (`tuple[str, ...]`): third-party packages its remote code imports when it loads.
+    """
+
+    name: str
+    write: Callable[..., Path]
+    load: Callable[..., Any]
+    target_modules: Tuple[str, ...]
+    block: str
+    final_norm: str
+    vocab_size: int = 256
+    packages: Tuple[str, ...] = ()
+
+
+def _families() -> Dict[str, TinyFamily]:
+    from . import _baichuan, _chatglm, _internlm, _qwen_vl
+
+    families = (
+        TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, TARGET_MODULES, "QWenBlock", "transformer.ln_f"),
+        TinyFamily(
+            "chatglm", write_tiny_chatglm, load_tiny_chatglm, _chatglm.TARGET_MODULES, "GLMBlock",
+            "transformer.encoder.final_layernorm",
+        ),
+        TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, _baichuan.TARGET_MODULES, "BaichuanLayer", "model.norm"),
+        TinyFamily(
+            "internlm", write_tiny_internlm, load_tiny_internlm, _internlm.TARGET_MODULES, "InternLMDecoderLayer", "model.norm"
+        ),
+        TinyFamily(
+            "qwen_vl", write_tiny_qwen_vl, load_tiny_qwen_vl, _qwen_vl.TARGET_MODULES, "QWenBlock", "transformer.ln_f",
+            vocab_size=300, packages=_qwen_vl.VISION_PACKAGES,
+        ),
+    )
+    return {family.name: family for family in families}
+
+
+TINY_FAMILIES: Dict[str, TinyFamily] = _families()
+"""The tiny fixture of every old-API family, by family name."""

@@ -1,0 +1,104 @@
+"""The tiny Baichuan2 fixture: `write_tiny_baichuan` / `load_tiny_baichuan` (see ``baichuan2/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
+
+CODE_DIR: Path = Path(__file__).resolve().parent / "baichuan2"
+CODE_FILES: Tuple[str, ...] = ("configuration_baichuan.py", "modeling_baichuan.py")
+TARGET_MODULES: Tuple[str, ...] = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The LoRA targets Baichuan2 users pass to peft."""
+
+
+def _tensors(config: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    weights = SeededWeights(seed, std=config["initializer_range"])
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    tensors = {"model.embed_tokens.weight": weights.normal(config["vocab_size"], hidden)}
+    for i in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{i}."
+        tensors[prefix + "self_attn.W_pack.weight"] = weights.normal(3 * hidden, hidden)
+        tensors[prefix + "self_attn.o_proj.weight"] = weights.normal(hidden, hidden)
+        tensors[prefix + "mlp.gate_proj.weight"] = weights.normal(inner, hidden)
+        tensors[prefix + "mlp.up_proj.weight"] = weights.normal(inner, hidden)
+        tensors[prefix + "mlp.down_proj.weight"] = weights.normal(hidden, inner)
+        tensors[prefix + "input_layernorm.weight"] = weights.ones(hidden)
+        tensors[prefix + "post_attention_layernorm.weight"] = weights.ones(hidden)
+    tensors["model.norm.weight"] = weights.ones(hidden)
+    tensors["lm_head.weight"] = weights.normal(config["vocab_size"], hidden)
+    return tensors
+
+
+def write_tiny_baichuan(
+    path: PathLike,
+    *,
+    num_hidden_layers: int = 2,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    intermediate_size: int = 64,
+    vocab_size: int = 256,
+    model_max_length: int = 64,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Writes a local Baichuan2 (13B layout: ALiBi, ``BaichuanLayer``) remote-code model with tiny random weights.
+
+    Like the real ``config.json`` files, it says nothing about ``gradient_checkpointing``: the config class's
+    default ``False`` becomes the truthy ``(False,)``, so every load enables checkpointing. Load it with
+    :func:`load_tiny_baichuan`.
+
+    Args:
+        path (`str` or `os.PathLike`): directory to write into (created if missing).
+        num_hidden_layers (`int`, *optional*, defaults to 2): number of ``BaichuanLayer``s.
+        hidden_size (`int`, *optional*, defaults to 32): model width.
+        num_attention_heads (`int`, *optional*, defaults to 4): attention heads (ALiBi slopes per head).
+        intermediate_size (`int`, *optional*, defaults to 64): MLP width.
+        vocab_size (`int`, *optional*, defaults to 256): vocabulary size.
+        model_max_length (`int`, *optional*, defaults to 64): the ALiBi cache length.
+        seed (`int`, *optional*, defaults to 0): seed of the weights.
+        config_overrides (`Any`, *optional*): any other ``config.json`` key.
+
+    Returns:
+        `pathlib.Path`: the model directory.
+    """
+    config: Dict[str, Any] = {
+        "architectures": ["BaichuanForCausalLM"],
+        "auto_map": {
+            "AutoConfig": "configuration_baichuan.BaichuanConfig",
+            "AutoModelForCausalLM": "modeling_baichuan.BaichuanForCausalLM",
+        },
+        "model_type": "baichuan",
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_hidden_layers,
+        "num_attention_heads": num_attention_heads,
+        "hidden_act": "silu",
+        "model_max_length": model_max_length,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "use_cache": True,
+        "pad_token_id": 0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "tie_word_embeddings": False,
+        "z_loss_weight": 0,
+        "torch_dtype": "float32",
+    }
+    config.update(config_overrides)
+    generation_config = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
+    return write_model_dir(
+        path,
+        code_dir=CODE_DIR,
+        code_files=CODE_FILES,
+        config=config,
+        tensors=lambda c: _tensors(c, seed),
+        generation_config=generation_config,
+    )
+
+
+def load_tiny_baichuan(path: PathLike, **kwargs: Any) -> Any:
+    """Loads a directory written by :func:`write_tiny_baichuan` the way users load Baichuan2 (remote code)."""
+    return load_remote_model(path, **kwargs)

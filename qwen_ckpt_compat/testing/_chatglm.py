@@ -1,0 +1,122 @@
+"""The tiny ChatGLM2/3 fixture: `write_tiny_chatglm` / `load_tiny_chatglm` (see ``chatglm/``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
+
+CODE_DIR: Path = Path(__file__).resolve().parent / "chatglm"
+CODE_FILES: Tuple[str, ...] = ("configuration_chatglm.py", "modeling_chatglm.py")
+TARGET_MODULES: Tuple[str, ...] = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+"""The LoRA targets ChatGLM users pass to peft (``dense`` also matches ``dense_h_to_4h``/``dense_4h_to_h``)."""
+
+
+def _tensors(config: Dict[str, Any], seed: int) -> Dict[str, Any]:
+    weights = SeededWeights(seed)
+    hidden, heads, kv = config["hidden_size"], config["num_attention_heads"], config["kv_channels"]
+    groups = config["multi_query_group_num"] if config["multi_query_attention"] else heads
+    qkv = heads * kv + 2 * kv * groups
+    ffn = config["ffn_hidden_size"]
+    tensors = {"transformer.embedding.word_embeddings.weight": weights.normal(config["padded_vocab_size"], hidden)}
+    rotary = kv // 2  # RotaryEmbedding(rotary_dim // 2): inv_freq is a saved (persistent) buffer, as in the real checkpoints
+    import torch
+
+    tensors["transformer.rotary_pos_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, rotary, 2).float() / rotary))
+    for i in range(config["num_layers"]):
+        prefix = f"transformer.encoder.layers.{i}."
+        tensors[prefix + "input_layernorm.weight"] = weights.ones(hidden)
+        tensors[prefix + "self_attention.query_key_value.weight"] = weights.normal(qkv, hidden)
+        tensors[prefix + "self_attention.query_key_value.bias"] = weights.normal(qkv)
+        tensors[prefix + "self_attention.dense.weight"] = weights.normal(hidden, heads * kv)
+        tensors[prefix + "post_attention_layernorm.weight"] = weights.ones(hidden)
+        tensors[prefix + "mlp.dense_h_to_4h.weight"] = weights.normal(2 * ffn, hidden)
+        tensors[prefix + "mlp.dense_4h_to_h.weight"] = weights.normal(hidden, ffn)
+    tensors["transformer.encoder.final_layernorm.weight"] = weights.ones(hidden)
+    tensors["transformer.output_layer.weight"] = weights.normal(config["padded_vocab_size"], hidden)
+    return tensors
+
+
+def write_tiny_chatglm(
+    path: PathLike,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 32,
+    num_attention_heads: int = 4,
+    multi_query_group_num: int = 2,
+    ffn_hidden_size: int = 64,
+    vocab_size: int = 256,
+    seq_length: int = 64,
+    seed: int = 0,
+    **config_overrides: Any,
+) -> Path:
+    """Writes a local ChatGLM2/3 remote-code model directory with tiny random weights.
+
+    Multi-query attention with ``multi_query_group_num`` key/value groups and a qkv bias, as ChatGLM3-6B has;
+    float32, no dropout; ``use_cache`` in ``config.json`` (the config class does not set it itself). Load it with
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` or :func:`load_tiny_chatglm`.
+
+    Args:
+        path (`str` or `os.PathLike`): directory to write into (created if missing).
+        num_layers (`int`, *optional*, defaults to 2): number of ``GLMBlock``s.
+        hidden_size (`int`, *optional*, defaults to 32): model width; ``kv_channels`` is
+            ``hidden_size // num_attention_heads``.
+        num_attention_heads (`int`, *optional*, defaults to 4): query heads.
+        multi_query_group_num (`int`, *optional*, defaults to 2): key/value groups.
+        ffn_hidden_size (`int`, *optional*, defaults to 64): the MLP width (the gate doubles it).
+        vocab_size (`int`, *optional*, defaults to 256): ``padded_vocab_size``.
+        seq_length (`int`, *optional*, defaults to 64): the rotary table's length.
+        seed (`int`, *optional*, defaults to 0): seed of the weights.
+        config_overrides (`Any`, *optional*): any other ``config.json`` key.
+
+    Returns:
+        `pathlib.Path`: the model directory.
+    """
+    config: Dict[str, Any] = {
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
+        "model_type": "chatglm",
+        "num_layers": num_layers,
+        "padded_vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "ffn_hidden_size": ffn_hidden_size,
+        "kv_channels": hidden_size // num_attention_heads,
+        "num_attention_heads": num_attention_heads,
+        "seq_length": seq_length,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "layernorm_epsilon": 1e-5,
+        "rmsnorm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "post_layer_norm": True,
+        "add_bias_linear": False,
+        "add_qkv_bias": True,
+        "multi_query_attention": True,
+        "multi_query_group_num": multi_query_group_num,
+        "fp32_residual_connection": False,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        "tie_word_embeddings": False,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config.update(config_overrides)
+    generation_config = {"eos_token_id": 2, "pad_token_id": 0, "do_sample": False, "max_new_tokens": 16}
+    return write_model_dir(
+        path,
+        code_dir=CODE_DIR,
+        code_files=CODE_FILES,
+        config=config,
+        tensors=lambda c: _tensors(c, seed),
+        generation_config=generation_config,
+    )
+
+
+def load_tiny_chatglm(path: PathLike, **kwargs: Any) -> Any:
+    """Loads a directory written by :func:`write_tiny_chatglm` the way users load ChatGLM (remote code)."""
+    return load_remote_model(path, **kwargs)
