@@ -75,3 +75,59 @@ def native_llama():
 def native_model_factory(request):
     """A function returning fresh, identical tiny native models (Llama, Qwen2)."""
     return lambda: _native(request.param)
+
+
+FAMILIES = ("chatglm", "baichuan", "internlm", "qwen_vl")  # the old-API families besides Qwen v1
+
+
+@pytest.fixture(scope="session")
+def vl_image():
+    """A small RGB PNG at a short absolute path (its UTF-8 bytes must fit in a tiny Qwen-VL image span)."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tempfile.mkdtemp(prefix="qvl")
+    image = Image.new("RGB", (20, 30), (200, 10, 50))
+    for x in range(0, 20, 3):
+        image.putpixel((x, x), (0, 255, 0))
+    path = os.path.join(folder, "img.png")
+    image.save(path)
+    yield path
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def family_model(request, tmp_path):
+    """(family, model, batch) for the family named by ``request.param``: a fresh folder, loaded as users do.
+
+    Each test gets classes of its own (a folder of its own): loading patches them (the import hook), and the test
+    may unpatch them. Qwen-VL batches hold an image and text; the test skips where Pillow or requests is missing.
+    """
+    from helpers import family_batch, family_of_fixture, fresh_dir, load_family
+
+    from qwen_ckpt_compat import unpatch
+
+    family = family_of_fixture(request.param)
+    model = load_family(family, fresh_dir(tmp_path, family.write, family.name))
+    image = request.getfixturevalue("vl_image") if family.name == "qwen_vl" else None
+    yield family, model, family_batch(family, image_path=image)
+    unpatch(model)
+
+
+@pytest.fixture
+def transformers_own_loader(monkeypatch):
+    """Transformers' own `check_imports` / `get_class_in_module` during a test.
+
+    Importing the `qwen_ckpt_compat` package wraps them process-wide; the faithfulness tests pin down what
+    transformers itself does, so any wrapper (anything with `__wrapped__`) is peeled off for the test.
+    """
+    import inspect
+
+    import transformers.dynamic_module_utils as dynamic_module_utils
+
+    for name in ("check_imports", "get_class_in_module"):
+        current = getattr(dynamic_module_utils, name)
+        original = inspect.unwrap(current)
+        if original is not current:
+            monkeypatch.setattr(dynamic_module_utils, name, original)

@@ -156,3 +156,82 @@ def spy_checkpoint(monkeypatch) -> Iterator[list]:
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", spy)
     yield calls
+
+
+# ------------------------------------------------------------------------------------ the other families
+
+
+def family_of_fixture(name: str):
+    """The `qwen_ckpt_compat.testing.TinyFamily` of ``name``; skips (with the reason) if its packages are missing."""
+    import importlib.util
+
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
+    family = TINY_FAMILIES[name]
+    missing = [p for p in family.packages if importlib.util.find_spec(p) is None]
+    if missing:
+        pytest.skip(f"the {name} remote code imports {', '.join(missing)} when it loads, and it is not installed here")
+    return family
+
+
+def load_family(family, path, **kwargs) -> torch.nn.Module:
+    model = family.load(path, **kwargs)
+    model.float()
+    model.train()
+    return model
+
+
+def family_blocks(model, name: str) -> list:
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
+@contextlib.contextmanager
+def count_calls(model, block_name: str) -> Iterator[Counter]:
+    """Counts how often each block of class ``block_name`` runs its forward (a recompute counts again)."""
+    counts: Counter = Counter()
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, kwargs=None, index=index: counts.update([index]))
+        for index, block in enumerate(family_blocks(model, block_name))
+    ]
+    try:
+        yield counts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def family_lora(model, family, *, targets=None, seed: int = 0):
+    """A LoRA adapter on the family's targets, A and B random (every LoRA gradient non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(targets or family.target_modules), init_lora_weights=False
+    )
+    return get_peft_model(model, config)
+
+
+def family_batch(family, image_path: Optional[str] = None, batch_size: int = 2, length: int = 12, seed: int = 0) -> dict:
+    """Ids, mask and labels; for Qwen-VL an image+text batch when ``image_path`` is given (one image per row)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, min(family.vocab_size, 256), (batch_size, length), generator=generator)
+    if image_path is not None:
+        from qwen_ckpt_compat.testing import qwen_vl_image_span
+
+        span = torch.tensor(qwen_vl_image_span(image_path)).expand(batch_size, -1)
+        ids = torch.cat([ids[:, :3], span, ids[:, 3:]], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def reentrant_after(model, final_norm: str, inputs: dict) -> bool:
+    """One training step; whether the last block's output came out of torch's reentrant ``CheckpointFunction``."""
+    seen: list = []
+    norm = next(m for name, m in model.named_modules() if name.endswith(final_norm))
+    handle = norm.register_forward_pre_hook(
+        lambda module, args: seen.append(type(args[0].grad_fn).__name__ if args[0].grad_fn is not None else None)
+    )
+    try:
+        step_grads(model, inputs)
+    finally:
+        handle.remove()
+    return "CheckpointFunction" in (seen[0] or "")

@@ -42,6 +42,7 @@ IMPORT_BREAKS = HAS_STREAM_GENERATOR and TF >= version.parse("4.57")
 NO_HEAD_MASK = TF >= version.parse("5.0")  # `PreTrainedModel.get_head_mask` removed
 
 WHY_NOT_LOADS = f"the remote code does not load on transformers {transformers.__version__} here"
+pytestmark = pytest.mark.usefixtures("transformers_own_loader")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -93,22 +94,6 @@ def qwen_dir(tmp_path_factory):
     loaded (and the library patched) from the session-wide `tiny_qwen_dir` are never reused here.
     """
     return write_tiny_qwen(tmp_path_factory.mktemp("faithful_qwen"))
-
-
-@pytest.fixture(autouse=True)
-def transformers_own_loader(monkeypatch):
-    """Transformers' own `check_imports` / `get_class_in_module` during each test.
-
-    Importing the `qwen_ckpt_compat` package may wrap them process-wide; these tests pin down what
-    transformers itself does, so any wrapper (anything with `__wrapped__`) is peeled off for the test.
-    """
-    import transformers.dynamic_module_utils as dynamic_module_utils
-
-    for name in ("check_imports", "get_class_in_module"):
-        current = getattr(dynamic_module_utils, name)
-        original = inspect.unwrap(current)
-        if original is not current:
-            monkeypatch.setattr(dynamic_module_utils, name, original)
 
 
 @pytest.fixture
