@@ -1,4 +1,13 @@
-r"""Write ``tests/reference/qwen_v1_reference.pt``: what transformers 4.55.4 computes for the tiny Qwen v1.
+r"""Write ``tests/reference/<family>_reference.pt``: what transformers 4.55.4 computes for a tiny fixture.
+
+``--family qwen`` (the default) writes ``qwen_v1_reference.pt``, described below; ``--family chatglm`` (and
+``baichuan``, ``internlm``, ``qwen_vl``) writes ``<family>_reference.pt`` with the same recipe for that family's
+fixture: eval-mode logits and loss, greedy ``generate`` ids (one row with and without a mask), and the LoRA
+gradients of one checkpointed step (the family's usual targets, seeded LoRA tensors), checked against the same
+step without checkpointing. Qwen-VL's inputs hold an image (its pixels are recorded; the tests write it again
+under the same relative file name, so that the ids, which spell the path, are the same). All of them:
+
+    python tools/make_reference.py --family all   # the four other families (not Qwen v1's)
 
 4.55.4 is the newest release on which the Qwen v1 remote code loads unmodified, so its results are the
 reference that ``tests/test_newer_transformers.py`` holds every other release to (logits, loss, LoRA
@@ -45,7 +54,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 REFERENCE_TRANSFORMERS = "4.55.4"
-DEFAULT_OUTPUT = ROOT / "tests" / "reference" / "qwen_v1_reference.pt"
+REFERENCE_DIR = ROOT / "tests" / "reference"
+DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
+FAMILIES = ("chatglm", "baichuan", "internlm", "qwen_vl")
+IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
 PEFT_PREFIX = "base_model.model."
 
@@ -136,9 +148,117 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def family_inputs(name: str) -> dict:
+    """The seeded inputs of a family's reference (Qwen-VL's hold an image, spelled by its relative path)."""
+    generator = torch.Generator().manual_seed(2024)
+    vocab = 256
+    data = {
+        "input_ids": torch.randint(3, vocab, (2, 10), generator=generator),
+        "prompt": torch.randint(3, vocab, (2, 6), generator=generator),
+        "lora_generator_seed": 7,
+    }
+    if name == "qwen_vl":
+        from qwen_ckpt_compat.testing import qwen_vl_image_span
+
+        data["image"] = torch.randint(0, 256, (30, 20, 3), generator=generator, dtype=torch.uint8)
+        span = torch.tensor(qwen_vl_image_span(IMAGE_NAME))
+        data["input_ids"] = torch.cat([data["input_ids"][:, :3], span.expand(2, -1), data["input_ids"][:, 3:]], dim=1)
+        data["prompt"] = torch.cat([data["prompt"][:, :2], span.expand(2, -1), data["prompt"][:, 2:]], dim=1)
+    return data
+
+
+def write_image(pixels: torch.Tensor, folder: Path) -> Path:
+    """Writes the reference image (lossless PNG) as ``folder / IMAGE_NAME``."""
+    from PIL import Image
+
+    path = folder / IMAGE_NAME
+    Image.frombytes("RGB", (pixels.shape[1], pixels.shape[0]), bytes(pixels.flatten().tolist())).save(path)
+    return path
+
+
+def family_forward_reference(model, data: dict) -> dict:
+    model.eval()
+    ids = data["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=ids)
+    return {"logits": out.logits.detach().clone(), "loss": out.loss.detach().clone()}
+
+
+def family_generate_reference(model, data: dict) -> dict:
+    model.eval()
+    one = data["prompt"][:1]
+    options = {"max_new_tokens": 8, "do_sample": False}
+    return {
+        "generate_one_with_mask": model.generate(one, attention_mask=torch.ones_like(one), **options),
+        "generate_one_without_mask": model.generate(one, **options),
+    }
+
+
+def family_lora_model(name: str, path, seed: int, *, checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_ckpt_compat import prepare_for_lora
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
+    family = TINY_FAMILIES[name]
+    model = family.load(path).float()
+    # With checkpointing: routed, non-reentrant (the default). Without: off, also where the model enabled it
+    # itself while it was being built (Baichuan2).
+    prepare_for_lora(model, use_gradient_checkpointing=checkpointing)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(family.target_modules), init_lora_weights=False
+    )
+    model = get_peft_model(model, config)
+    return model, init_lora(model, seed)
+
+
+def make_family_reference(name: str, output: Path) -> Path:
+    """The reference of one family's fixture (see the module doc); returns the file written."""
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
+    family = TINY_FAMILIES[name]
+    folder = Path(tempfile.mkdtemp(prefix=f"qcc-reference-{name}-"))
+    path = family.write(folder / "model")
+    data = family_inputs(name)
+    if "image" in data:
+        write_image(data["image"], folder)
+        os.chdir(folder)  # the ids spell the image's relative path
+    plain = family.load(path).float()
+    record = {**family_forward_reference(plain, data), **family_generate_reference(plain, data)}
+    del plain
+
+    seed = data["lora_generator_seed"]
+    checkpointed, data["lora_init"] = family_lora_model(name, path, seed, checkpointing=True)
+    record.update(lora_step(checkpointed, data))
+    uncheckpointed, _ = family_lora_model(name, path, seed, checkpointing=False)
+    check = lora_step(uncheckpointed, data)
+    assert record["lora_grads"].keys() == check["lora_grads"].keys() and check["lora_grads"]
+    worst = max(relative_difference(record["lora_grads"][k], check["lora_grads"][k]) for k in check["lora_grads"])
+    assert worst <= 1e-6, f"{name}: checkpointed LoRA gradients differ from plain ones by {worst:.2e}"
+    assert torch.allclose(record["lora_loss"], check["lora_loss"], rtol=0, atol=0)
+    return save(output, {"family": name, "inputs": data, **record})
+
+
+def save(output: Path, reference: dict) -> Path:
+    import peft
+    import transformers
+
+    reference["versions"] = {
+        "transformers": str(transformers.__version__),
+        "peft": str(peft.__version__),
+        "torch": str(torch.__version__),
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(reference, output)
+    size = output.stat().st_size
+    print(f"wrote {output} ({size / 1024:.1f} KiB) with transformers {transformers.__version__}")
+    return output
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output", type=Path, default=None, help="(one family) where to write it")
+    parser.add_argument("--family", default="qwen", choices=("qwen", *FAMILIES, "all"))
     parser.add_argument(
         "--force", action="store_true", help=f"run on a transformers other than {REFERENCE_TRANSFORMERS}"
     )
@@ -152,13 +272,20 @@ def main(argv=None) -> int:
             f"the reference comes from transformers {REFERENCE_TRANSFORMERS}, "
             f"found {transformers.__version__}"
         )
-
     from qwen_ckpt_compat.loading import is_remote_code_loading_enabled
+
+    assert not is_remote_code_loading_enabled(), "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1 must keep the import hook off"
+    if args.family != "qwen":
+        names = FAMILIES if args.family == "all" else (args.family,)
+        cwd = os.getcwd()
+        for name in names:
+            make_family_reference(name, (args.output if args.family != "all" else None) or REFERENCE_DIR / f"{name}_reference.pt")
+            os.chdir(cwd)
+        return 0
+    args.output = args.output or DEFAULT_OUTPUT
+
     from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
 
-    assert not is_remote_code_loading_enabled(), (
-        "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1 must keep the import hook off"
-    )
     path = write_tiny_qwen(tempfile.mkdtemp(prefix="qcc-reference-model-"))
     data = inputs()
 
@@ -177,19 +304,7 @@ def main(argv=None) -> int:
     assert worst <= 1e-6, f"checkpointed LoRA gradients differ from plain ones by {worst:.2e}"
     assert torch.equal(record["lora_loss"], check["lora_loss"])
 
-    reference = {
-        "inputs": data,
-        **record,
-        "versions": {
-            "transformers": str(transformers.__version__),
-            "peft": str(peft.__version__),
-            "torch": str(torch.__version__),
-        },
-    }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(reference, args.output)
-    size = args.output.stat().st_size
-    print(f"wrote {args.output} ({size / 1024:.1f} KiB) with transformers {transformers.__version__}")
+    save(args.output, {"inputs": data, **record})
     return 0
 
 
