@@ -161,6 +161,17 @@ ROWS_BY_VERSION = {row.transformers: row for row in ROWS}
 # Rows re-run without transformers_stream_generator installed (the remote code's check_imports
 # demands it): the newest release that still loads the remote code, and the newest release.
 NO_TSG_ROWS = ("4.55.4-last-loading", "5.24.0-newest")
+# Rows re-run with what Qwen-VL's remote visual.py imports when it loads (Pillow, requests; elsewhere its tests
+# skip): the newest release where Qwen's remote code loads unmodified, and the newest release. Pinned here, as
+# PyPI had them at each row's cut-off (the rows' constraints files do not list Pillow). torchvision, which the
+# real visual.py imports too, is left out: PyPI's wheels do not import beside the CPU build of torch 2.13.0
+# ("operator torchvision::nms does not exist"), so the tiny fixture does its image transform with Pillow.
+VISION_ROWS = {
+    "4.55.4-last-loading": ("pillow==11.3.0", "requests==2.32.5"),
+    "5.24.0-newest": ("pillow==13.0.0", "requests==2.34.2"),
+}
+# What the vision rows run: the family test files, Qwen-VL's tests only (the rest runs in the rows themselves).
+VISION_TESTS = ("tests/test_families.py", "tests/test_families_newer.py", "tests/test_fixture_faithful_families.py")
 # The wheel check uses the newest row's pins.
 PACKAGE_ROW = ROWS[-1]
 
@@ -265,12 +276,26 @@ def _test_env(session: nox.Session) -> dict[str, str]:
     return env
 
 
-def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool = True) -> None:
-    """Install one matrix row into the session's venv and run the test suite against it."""
+def _install_and_test(
+    session: nox.Session,
+    row: Row,
+    *,
+    stream_generator: bool = True,
+    extras: tuple[str, ...] = (),
+    variant: str = "",
+    pytest_args: tuple[str, ...] = (),
+) -> None:
+    """Install one matrix row into the session's venv and run the test suite against it.
+
+    ``extras`` are installed beside the row (the vision rows); ``variant`` names the report ``<row>+<variant>``;
+    ``pytest_args`` are used when none are given after ``--``.
+    """
     if not row.constraints.is_file():
         session.error(f"{row.constraints} is missing: run `nox -s constraints -- {row.id}`")
     companions = [p for p in COMPANIONS if stream_generator or p != "transformers_stream_generator"]
-    report_name = row.id if stream_generator else f"{row.id}+no-tsg"
+    companions += list(extras)
+    variant = variant or ("" if stream_generator else "no-tsg")
+    report_name = f"{row.id}+{variant}" if variant else row.id
 
     with _timed(session, "install"), _install_lock():
         session.install(
@@ -304,7 +329,7 @@ def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool 
             f"--junitxml={REPORTS / f'{report_name}.xml'}",
             "-o",
             f"junit_suite_name={report_name}",
-            *session.posargs,
+            *(session.posargs or pytest_args),
             env=env,
         )
 
@@ -314,6 +339,16 @@ def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool 
 def tests(session: nox.Session, transformers: str) -> None:
     """One transformers release (see ROWS) with its era's companions and torch 2.13.0."""
     _install_and_test(session, ROWS_BY_VERSION[transformers])
+
+
+@nox.session(name="tests-vision", python=PYTHON, tags=["matrix"], allow_parallel=True)
+@nox.parametrize("transformers", _params(tuple(ROWS_BY_ID[i] for i in VISION_ROWS), quick=False))
+def tests_vision(session: nox.Session, transformers: str) -> None:
+    """A row with Pillow and requests installed, running Qwen-VL's tests (they skip in the other rows)."""
+    row = ROWS_BY_VERSION[transformers]
+    _install_and_test(
+        session, row, extras=VISION_ROWS[row.id], variant="vision", pytest_args=(*VISION_TESTS, "-k", "qwen_vl")
+    )
 
 
 @nox.session(name="tests-no-tsg", python=PYTHON, tags=["matrix"], allow_parallel=True)

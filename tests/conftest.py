@@ -23,11 +23,35 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
+# Test files about Qwen v1 alone; the family tests say their family through a parameter or their name.
+_QWEN_FILES = (
+    "test_checkpointing", "test_lora", "test_patch", "test_trainer", "test_newer_transformers", "test_fixture_faithful",
+    "test_loading_patch",
+)
+_FAMILY_PARAMETERS = ("family_model", "setup", "loaded")  # the fixtures parametrized by family name
+_NAMED_FAMILIES = ("qwen_vl", "chatglm", "baichuan", "internlm", "new_api")
+
+
+def _family_of(item) -> "str | None":
+    callspec = getattr(item, "callspec", None)
+    for key in _FAMILY_PARAMETERS:
+        if callspec is not None and key in callspec.params:
+            return str(callspec.params[key])
+    name = f"{getattr(item, 'originalname', None) or item.name}_"
+    named = [family for family in _NAMED_FAMILIES if f"_{family}_" in name]
+    if named:
+        return named[0]
+    return "qwen" if item.module.__name__ in _QWEN_FILES else None
+
+
 def pytest_collection_modifyitems(items: list) -> None:
-    """Writes each test's `behaviour` marker into the JUnit report (skipped tests too), for docs/compatibility.md."""
+    """Writes each test's `behaviour` marker and family into the JUnit report, for docs/compatibility.md."""
     for item in items:
         for mark in item.iter_markers("behaviour"):
             item.user_properties.append(("behaviour", mark.args[0]))
+        family = _family_of(item)
+        if family is not None:
+            item.user_properties.append(("family", family))
 
 
 @pytest.fixture

@@ -145,15 +145,21 @@ def test_describe_names_the_family(family_model):
 # --------------------------------------------------------------------------------------------- the registry
 
 
-def test_every_fixture_is_recognised_as_its_family(tmp_path, vl_image):
-    from helpers import family_of_fixture, fresh_dir
+def test_every_fixture_is_recognised_as_its_family(tmp_path):
+    from helpers import fresh_dir
 
     from qwen_ckpt_compat.families import family_of, families
 
     names = [family.name for family in families()]
     assert names.index("qwen_vl") < names.index("qwen"), "the more specific family first"
+    import importlib.util
+
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
     for name in ("qwen", *FAMILIES):
-        family = family_of_fixture(name)
+        family = TINY_FAMILIES[name]
+        if any(importlib.util.find_spec(package) is None for package in family.packages):
+            continue  # Qwen-VL without Pillow/requests: its own tests skip, saying so
         model = family.load(fresh_dir(tmp_path, family.write, name))
         assert family_of(model).name == name
         assert family_of(type(model.config)).model_types == family_of(model).model_types

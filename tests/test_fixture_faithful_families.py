@@ -52,14 +52,15 @@ def family_dirs(tmp_path_factory):
 
 
 @pytest.fixture
-def loaded(request, family_dirs, vl_image):
+def loaded(request, family_dirs):
     """(family, model, batch) loaded with transformers' own loader; skips where the fixture does not load."""
     family = family_of_fixture(request.param)
     if not _loads(family.name):
         pytest.skip(f"the {family.name} remote code does not load on transformers {transformers.__version__}")
     model = family.load(family_dirs[family.name]).float()
     model.train()
-    return family, model, family_batch(family, image_path=vl_image if family.name == "qwen_vl" else None)
+    image = request.getfixturevalue("vl_image") if family.name == "qwen_vl" else None
+    return family, model, family_batch(family, image_path=image)
 
 
 def _owner_flags(model) -> list:
@@ -236,10 +237,11 @@ def test_internlm_nan_comes_from_uninitialised_rotary_buffers(family_dirs, monke
 
 
 @pytest.mark.skipif(not (V5 and HAS_STREAM_GENERATOR), reason="only transformers >= 5.0")
-def test_qwen_vl_forward_fails_on_get_head_mask_on_5x(family_dirs, monkeypatch, vl_image):
+def test_qwen_vl_forward_fails_on_get_head_mask_on_5x(family_dirs, monkeypatch, request):
     import transformers.dynamic_module_utils as dynamic_module_utils
 
     family = family_of_fixture("qwen_vl")
+    vl_image = request.getfixturevalue("vl_image")
     monkeypatch.setattr(dynamic_module_utils, "check_imports", dynamic_module_utils.get_relative_imports)
     model = family.load(family_dirs["qwen_vl"])
     with pytest.raises(AttributeError, match="'QWenModel' object has no attribute 'get_head_mask'"):
