@@ -26,6 +26,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
+import sys
+import types
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
@@ -280,6 +282,19 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
         )
 
 
+# Frames of these packages are not the caller's (transformers' loading, torch, the wrappers, the remote code).
+_NOT_THE_CALLER = ("qwen_ckpt_compat", "transformers", "transformers_modules", "torch", "wrapt", "contextlib", "peft")
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first frame outside the packages doing the loading."""
+    frame: Optional[types.FrameType] = sys._getframe(1)
+    level = 1
+    while frame is not None and (frame.f_globals.get("__name__") or "").split(".")[0] in _NOT_THE_CALLER:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _warn_automatic_enable(model: Any, settings: routing.CheckpointSettings) -> None:
     config = getattr(model, "config", None)
     warnings.warn(
@@ -289,7 +304,7 @@ def _warn_automatic_enable(model: Any, settings: routing.CheckpointSettings) -> 
         f"({settings.kwargs}, every {settings.every_n_layers} block(s)). To turn it off: "
         "`prepare_for_lora(model, use_gradient_checkpointing=False)` or `model.gradient_checkpointing_disable()`.",
         CompatWarning,
-        stacklevel=2,
+        stacklevel=_caller_stacklevel(),
     )
 
 

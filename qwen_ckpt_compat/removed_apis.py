@@ -543,7 +543,7 @@ def restore_config_attributes(cls: type) -> list[str]:
         return []  # this PretrainedConfig still carries every one of them
     installed = []
     inherited = getattr(cls, "__getattr__", None)
-    cls.__getattr__ = _make_config_getattr(served, inherited)  # type: ignore[method-assign]
+    setattr(cls, "__getattr__", _make_config_getattr(served, inherited))  # noqa: B010 - a dunder on the class
     installed.append(f"{cls.__qualname__}.__getattr__({', '.join(sorted(served))})")
     if hasattr(cls, "_get_generation_parameters"):
         wrapt.wrap_function_wrapper(cls, "_get_generation_parameters", _without_served_defaults)

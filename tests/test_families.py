@@ -148,7 +148,7 @@ def test_describe_names_the_family(family_model):
 def test_every_fixture_is_recognised_as_its_family(tmp_path):
     from helpers import fresh_dir
 
-    from qwen_ckpt_compat.families import family_of, families
+    from qwen_ckpt_compat.families import families, family_of
 
     names = [family.name for family in families()]
     assert names.index("qwen_vl") < names.index("qwen"), "the more specific family first"

@@ -9,15 +9,10 @@ hook can be switched off, and classes loaded while it is off are left alone.
 from __future__ import annotations
 
 import inspect
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
-import torch
 from helpers import (
-    HAS_CHECKPOINTING_KWARGS,
     count_block_calls,
     fresh_dir,
     load_qwen,
@@ -147,21 +142,22 @@ def test_unpatch_of_a_class_puts_back_the_exact_originals(tmp_path, monkeypatch)
     assert cls.__dict__["_set_gradient_checkpointing"] is before["_set_gradient_checkpointing"]
 
 
-def test_the_environment_variable_turns_the_hook_off(tmp_path):
-    path = fresh_dir(tmp_path, write_tiny_qwen)
-    code = (
-        "import sys, qwen_ckpt_compat\n"
-        "from qwen_ckpt_compat.testing import load_tiny_qwen\n"
-        "import transformers.dynamic_module_utils as d\n"
-        "model = load_tiny_qwen(sys.argv[1])\n"
-        "print(qwen_ckpt_compat.is_patched(type(model)), hasattr(d.get_class_in_module, '__wrapped__'))\n"
-    )
-    env = dict(os.environ, QWEN_CKPT_COMPAT_NO_IMPORT_HOOK="1")
-    # Without the hook Qwen v1 does not load where transformers_stream_generator does not import: skip the
-    # file's check the way the faithful tests do, so that only the patching is observed.
-    code = code.replace(
-        "model = ", "d.check_imports = d.get_relative_imports\nmodel = ", 1
-    )
-    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["False", "False"]
+def test_the_environment_variable_turns_the_hook_off(tmp_path, monkeypatch):
+    """What `import qwen_ckpt_compat` runs (`_enable_on_import`), with QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1."""
+    import transformers.dynamic_module_utils as dynamic_module_utils
+
+    from qwen_ckpt_compat import loading
+
+    monkeypatch.setenv("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", "1")
+    loading.disable_remote_code_loading()
+    try:
+        loading._enable_on_import()
+        assert not loading.is_remote_code_loading_enabled()
+        assert not hasattr(dynamic_module_utils.get_class_in_module, "__wrapped__")
+        with monkeypatch.context() as patched:  # Qwen v1 does not load on 4.57+ otherwise
+            patched.setattr(dynamic_module_utils, "check_imports", dynamic_module_utils.get_relative_imports)
+            model = load_qwen(fresh_dir(tmp_path, write_tiny_qwen))
+        assert not is_patched(type(model))
+    finally:
+        loading.enable_remote_code_loading()
+    assert hasattr(dynamic_module_utils.get_class_in_module, "__wrapped__")

@@ -8,6 +8,9 @@ Each ``constraints/<row-id>.txt`` is one matrix row; its tests wrote ``reports/<
 ``@pytest.mark.behaviour("<column>")``, which tests/conftest.py records as the JUnit property
 ``behaviour``. A cell is ``yes`` when all of the column's tests passed, ``no`` when one failed,
 ``xfail`` for a known (strict xfail) failure, ``n/a`` when all were skipped, ``—`` with no test.
+
+A second table shows family x release: tests/conftest.py records each test's remote-code family (the JUnit
+property ``family``); a row's cell gathers that family's tests over the row's reports and its variants'.
 """
 
 from __future__ import annotations
@@ -33,7 +36,18 @@ BEHAVIOURS = (
     "unpatch",
 )
 COMPANIONS = ("peft", "accelerate", "tokenizers", "huggingface-hub")
-VARIANTS = {"no-tsg": "without transformers_stream_generator"}
+VARIANTS = {
+    "no-tsg": "without transformers_stream_generator",
+    "vision": "with Pillow and requests: Qwen-VL's tests",
+}
+FAMILIES = {
+    "qwen": "Qwen v1",
+    "qwen_vl": "Qwen-VL",
+    "chatglm": "ChatGLM2/3",
+    "baichuan": "Baichuan2",
+    "internlm": "InternLM v1",
+    "new_api": "new API (left alone)",
+}
 
 
 @dataclass
@@ -42,6 +56,7 @@ class Case:
     behaviour: str | None
     outcome: str  # passed | failed | xfailed | skipped
     message: str = ""
+    family: str | None = None
 
 
 @dataclass
@@ -86,6 +101,7 @@ def read_cases(path: Path) -> list[Case]:
         behaviour = next(
             (p.get("value") for p in case.iter("property") if p.get("name") == "behaviour"), None
         )
+        family = next((p.get("value") for p in case.iter("property") if p.get("name") == "family"), None)
         name = ".".join(filter(None, (case.get("classname"), case.get("name"))))
         outcome, message = "passed", ""
         for child in case:
@@ -96,7 +112,7 @@ def read_cases(path: Path) -> list[Case]:
                 xfail = child.get("type") == "pytest.xfail"
                 outcome = "xfailed" if xfail else "skipped"
                 message = child.get("message") or child.text or ""
-        cases.append(Case(name, behaviour, outcome, _first_line(message)))
+        cases.append(Case(name, behaviour, outcome, _first_line(message), family))
     return cases
 
 
@@ -153,6 +169,7 @@ def render(reports: Path, constraints: Path, torch: str) -> str:
             lines.append("| " + " | ".join([label, *versions, *cells, summary(cases)]) + " |")
     if unknown:
         print(f"warning: behaviours with no column: {sorted(unknown)}", file=sys.stderr)
+    family_lines = family_table(rows, reports, notes)
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
@@ -168,9 +185,30 @@ def render(reports: Path, constraints: Path, torch: str) -> str:
         "",
         *lines,
         "",
+        "## Families",
+        "",
+        "Each family's tiny remote-code fixture (`qwen_ckpt_compat.testing`): a cell gathers every test of that",
+        "family in the row and its variants (loading, checkpointing, LoRA, Trainer, equivalence with 4.55.4).",
+        "",
+        *family_lines,
+        "",
     ]
     out += [f"[^{i}]: {text}" for i, text in enumerate(notes.texts, 1)]
     return "\n".join(out) + "\n"
+
+
+def family_table(rows: list, reports: Path, notes: Notes) -> list[str]:
+    """Family x release: one line per matrix row, its reports and its variants' together."""
+    head = ["row", "transformers", *FAMILIES.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row_id, pins in rows:
+        files = [reports / f"{row_id}.xml", *sorted(reports.glob(f"{row_id}+*.xml"))]
+        cases = [case for report in files if report.is_file() for case in read_cases(report)]
+        if not cases:
+            continue
+        cells = [cell([c for c in cases if c.family == family], notes) for family in FAMILIES]
+        lines.append("| " + " | ".join([f"`{row_id}`", pins.get("transformers", "?"), *cells]) + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,7 +264,6 @@ def main(argv=None) -> int:
     )
     args = parser.parse_args(argv)
 
-    import peft
     import transformers
 
     if transformers.__version__ != REFERENCE_TRANSFORMERS and not args.force:

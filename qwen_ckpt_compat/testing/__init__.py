@@ -30,8 +30,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Union
 
 if TYPE_CHECKING:
