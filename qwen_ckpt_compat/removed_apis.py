@@ -534,10 +534,8 @@ def restore_config_attributes(cls: type) -> list[str]:
     Returns:
         `list[str]`: what was installed now.
     """
-    if not _is_remote_config_class(cls) or isinstance(cls.__dict__.get("__getattr__"), types.FunctionType) and (
-        cls.__dict__["__getattr__"].__dict__.get(_INSTALLED_MARK)
-    ):
-        return []
+    if not _is_remote_config_class(cls) or _INSTALLED_MARK in getattr(cls.__dict__.get("__getattr__"), "__dict__", {}):
+        return []  # a transformers class, or done already
     served = _dropped_config_defaults()
     if not served:
         return []  # this PretrainedConfig still carries every one of them
