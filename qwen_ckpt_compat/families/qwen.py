@@ -16,7 +16,8 @@ from __future__ import annotations
 from . import Family
 
 
-def _prepare_class(cls: type) -> list:
+def prepare_qwen_class(cls: type) -> list:
+    """A Qwen-style ``chat_stream()`` says why it cannot stream (Qwen-VL's too)."""
     from ..loading import wrap_chat_stream
 
     return wrap_chat_stream(cls)
@@ -31,5 +32,5 @@ FAMILY = Family(
         "`chat_stream()` needs transformers_stream_generator, which works up to transformers 4.40 only; "
         "elsewhere it raises StreamingUnavailableError (use `chat()` or a TextIteratorStreamer).",
     ),
-    prepare_class=_prepare_class,
+    prepare_class=prepare_qwen_class,
 )

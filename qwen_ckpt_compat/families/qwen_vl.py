@@ -25,6 +25,7 @@ What is checkpointed, and why:
 from __future__ import annotations
 
 from . import Family, module_of
+from .qwen import prepare_qwen_class
 
 #: LoRA targets of the language model alone (``attn.c_proj`` rather than ``c_proj``, which would also match the
 #: MLPs of the vision transformer's blocks).
@@ -34,12 +35,6 @@ TARGET_MODULES = ("c_attn", "attn.c_proj", "w1", "w2")
 def _has_vision_tower(cls: type) -> bool:
     module = module_of(cls)
     return module is not None and isinstance(getattr(module, "VisionTransformer", None), type)
-
-
-def _prepare_class(cls: type) -> list:
-    from ..loading import wrap_chat_stream
-
-    return wrap_chat_stream(cls)
 
 
 FAMILY = Family(
@@ -57,5 +52,5 @@ FAMILY = Family(
         "Its remote `visual.py` needs requests, Pillow and torchvision at import time.",
     ),
     extra_blocks=("VisualAttentionBlock",),
-    prepare_class=_prepare_class,
+    prepare_class=prepare_qwen_class,
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
-from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
+from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_tensors, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "internlm"
 CODE_FILES: Tuple[str, ...] = ("configuration_internlm.py", "modeling_internlm.py")
@@ -24,11 +24,7 @@ def _tensors(config: Dict[str, Any], seed: int) -> Dict[str, Any]:
             tensors[f"{prefix}self_attn.{name}.weight"] = weights.normal(hidden, hidden)
             if config["bias"]:
                 tensors[f"{prefix}self_attn.{name}.bias"] = weights.normal(hidden)
-        tensors[prefix + "mlp.gate_proj.weight"] = weights.normal(inner, hidden)
-        tensors[prefix + "mlp.up_proj.weight"] = weights.normal(inner, hidden)
-        tensors[prefix + "mlp.down_proj.weight"] = weights.normal(hidden, inner)
-        tensors[prefix + "input_layernorm.weight"] = weights.ones(hidden)
-        tensors[prefix + "post_attention_layernorm.weight"] = weights.ones(hidden)
+        tensors.update(mlp_and_norm_tensors(weights, prefix, hidden, inner))
     tensors["model.norm.weight"] = weights.ones(hidden)
     tensors["lm_head.weight"] = weights.normal(config["vocab_size"], hidden)
     return tensors

@@ -9,7 +9,14 @@ from typing import Any, Dict, List, Tuple
 from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_vl"
-CODE_FILES: Tuple[str, ...] = ("configuration_qwen.py", "modeling_qwen.py", "qwen_generation_utils.py", "visual.py")
+_QWEN_V1_DIR: Path = Path(__file__).resolve().parent / "qwen_v1"
+# Qwen-VL's configuration and generation utilities are Qwen v1's: the files are shared with that fixture.
+CODE_FILES: Tuple[str, ...] = (
+    str(_QWEN_V1_DIR / "configuration_qwen.py"),
+    "modeling_qwen.py",
+    str(_QWEN_V1_DIR / "qwen_generation_utils.py"),
+    "visual.py",
+)
 TARGET_MODULES: Tuple[str, ...] = ("c_attn", "attn.c_proj", "w1", "w2")
 """LoRA targets of the language model alone (``c_proj`` would also match the vision transformer's MLPs)."""
 VISION_TARGET_MODULES: Tuple[str, ...] = ("in_proj", "out_proj", "c_fc")

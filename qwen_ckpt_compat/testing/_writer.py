@@ -44,13 +44,17 @@ def write_model_dir(
     generation_config: Optional[Dict[str, Any]] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
 ) -> Path:
-    """Writes the remote-code files, ``config.json`` (and the optional JSON files) and ``model.safetensors``."""
+    """Writes the remote-code files, ``config.json`` (and the optional JSON files) and ``model.safetensors``.
+
+    ``code_files`` are names in ``code_dir``, or paths of their own (a file shared with another fixture).
+    """
     from safetensors.torch import save_file
 
     target = Path(path)
     target.mkdir(parents=True, exist_ok=True)
     for name in code_files:
-        shutil.copyfile(code_dir / name, target / name)
+        source = code_dir / name  # an absolute path stays what it is
+        shutil.copyfile(source, target / Path(name).name)
     documents = {"config.json": config, "generation_config.json": generation_config, "tokenizer_config.json": tokenizer_config}
     for name, content in documents.items():
         if content is not None:
@@ -65,3 +69,14 @@ def load_remote_model(path: PathLike, auto_class: str = "AutoModelForCausalLM", 
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(os.fspath(path), trust_remote_code=True, **kwargs)
+
+
+def mlp_and_norm_tensors(weights: SeededWeights, prefix: str, hidden: int, inner: int) -> Dict[str, "torch.Tensor"]:
+    """A LLaMA-style layer's gated MLP and its two RMSNorms (``mlp.{gate,up,down}_proj``, ``*_layernorm``)."""
+    return {
+        prefix + "mlp.gate_proj.weight": weights.normal(inner, hidden),
+        prefix + "mlp.up_proj.weight": weights.normal(inner, hidden),
+        prefix + "mlp.down_proj.weight": weights.normal(hidden, inner),
+        prefix + "input_layernorm.weight": weights.ones(hidden),
+        prefix + "post_attention_layernorm.weight": weights.ones(hidden),
+    }
