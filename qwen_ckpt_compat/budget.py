@@ -160,7 +160,8 @@ class BlockMeasurement:
     Attributes:
         shape (`tuple[int, int]`): (batch, sequence length) of the hidden states entering the block.
         block_bytes (`int`): bytes the block saves for its backward pass when it is not checkpointed, beyond its
-            inputs, outputs, weights and buffers: what leaving it un-checkpointed costs until its backward.
+            inputs, its output hidden states, weights and buffers: what leaving it un-checkpointed costs until its
+            backward.
         input_bytes (`int`): bytes of its hidden-state input: what a checkpointed block keeps (and offloading moves
             to the host).
         selective_bytes (`int`): bytes of the outputs selective recompute keeps (0 unless asked for).
@@ -227,11 +228,19 @@ def _preserved_rng(device: torch.device) -> contextlib.AbstractContextManager:
 def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kwargs: dict, *, selective: bool = False) -> BlockMeasurement:
     """Runs ``run(*args, **kwargs)`` (the block's plain call) once with grad on and measures what it saves.
 
-    The outputs are dropped at once, the random state is restored, nothing is kept.
+    The hidden states go in as a detached copy that requires grad: every block after the first one gets an input
+    that requires grad (the adapters before it make it so), and a block saves more for the gradient of its
+    input than without one. The outputs are dropped at once, the random state is restored, nothing is kept.
     """
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"cannot probe {type(block).__qualname__}: its first argument is not a tensor")
+    if hidden.is_floating_point() and not hidden.requires_grad:
+        hidden = hidden.detach().requires_grad_(True)  # shares the storage, so it stays an excluded input
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs = {**kwargs, "hidden_states": hidden}
     excluded = {_storage_key(t) for t in (*block.parameters(), *block.buffers(), *_tensors((args, kwargs)))}
     saved: dict = {}
 
@@ -251,7 +260,8 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
 
             recorder = stack.enter_context(_OutputsOf(saved_ops()))
         output = run(*args, **kwargs)
-        excluded |= {_storage_key(t) for t in _tensors(output)}
+        # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
+        excluded.add(_storage_key(next(_tensors(output), hidden)))
         del output
     return BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
