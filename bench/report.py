@@ -141,13 +141,17 @@ def plot(report: dict, path: Path) -> bool:
                          color="tab:red" if row["mode"] == "native_qwen2" else ("tab:blue" if not fused else "tab:green"))
             axis.annotate(row["mode"], (row["step_s"], row["peak_bytes"] / GIB), fontsize=7, xytext=(4, 3),
                           textcoords="offset points")
+        for label, marker, color in (("library mode", "o", "tab:blue"), ("with the fused kernel", "^", "tab:green"),
+                                     ("native Qwen2 (peer)", "s", "tab:red")):
+            axis.scatter([], [], marker=marker, color=color, label=label)
+        axis.legend(loc="best", fontsize=8)
         axis.set_title(f"sequence length {seq}")
         axis.set_xlabel("step time (s, median)")
         axis.set_ylabel("peak memory (GiB, max allocated)")
         axis.grid(alpha=0.3)
     meta = report["meta"]
-    figure.suptitle(f"Qwen-7B shapes, LoRA r=8, batch 1, {meta['device']}: memory against step time "
-                    "(circles: library modes, triangles: with the fused kernel, square: native Qwen2)", fontsize=10)
+    figure.suptitle(f"Peak memory against step time: Qwen-7B shapes, LoRA r=8, batch 1\n{meta['device']}, "
+                    f"torch {meta['versions'].get('torch')}, transformers {meta['versions'].get('transformers')}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
