@@ -190,6 +190,13 @@ def training_arguments(args: argparse.Namespace, out: Path, world: int):
     return transformers.TrainingArguments(**options)
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without what engines insert (torch's checkpoint_wrapper, FSDP1, DDP)."""
+    for inserted in ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+        name = name.replace(inserted, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
 def full_lora(trainer, model) -> dict:
     """The LoRA tensors, whole, on every rank, whatever the engine sharded."""
     wrapped = trainer.model_wrapped
@@ -199,17 +206,17 @@ def full_lora(trainer, model) -> dict:
 
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
+            return {plain_name(n): p.detach().float().cpu().clone() for n, p in zip(names, params)}
     if type(wrapped).__name__ == "FullyShardedDataParallel":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
-            return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+            return {plain_name(n): p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
     out = {}
     for n, p in model.named_parameters():
         if "lora_" in n:
             p = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[n] = p.detach().float().cpu().clone()
+            out[plain_name(n)] = p.detach().float().cpu().clone()
     return out
 
 
@@ -239,6 +246,11 @@ def zero3_reload_check(trainer, model, args, out: Path) -> dict:
         result["adapter_files"] = sorted(p.name for p in adapter.iterdir())
         from peft import PeftModel
 
+        # A plain model, as a user reloads it: outside ZeRO-3's zero.Init (which from_pretrained would use while
+        # the Trainer's DeepSpeed config is alive, leaving the parameters partitioned and empty).
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        getattr(hf_deepspeed, "unset_hf_deepspeed_config", lambda: None)()
         base = load(args).to(trainer.args.device)
         reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
         with torch.no_grad():
@@ -293,7 +305,12 @@ def main() -> None:
     after = full_lora(trainer, model)
     changed = sum(not torch.equal(after[n], before[n]) for n in before if n in after)
     checksum = math.fsum(float(t.double().sum()) for t in after.values())
-    extra = zero3_reload_check(trainer, model, args, out) if args.engine == "zero3" else {}
+    extra: dict = {}
+    if args.engine == "zero3":
+        try:
+            extra = zero3_reload_check(trainer, model, args, out)
+        except Exception as error:  # recorded: training's own results still count
+            extra = {"reload_error": f"{type(error).__name__}: {error}"[:500]}
     caught.__exit__(None, None, None)
 
     rank = dist.get_rank() if dist.is_initialized() else 0
