@@ -211,7 +211,7 @@ def render(report: dict, source: str, plotted: bool) -> str:
         "- The attention kernel column names the SDPA kernels seen in the first warm-up step.",
         "- Native Qwen2 (the peer): `Qwen2ForCausalLM` with the same shapes (32 key/value heads), SDPA attention, "
         "transformers' own non-reentrant checkpointing, LoRA on all its linear layers.",
-        f"- transformers' own path (no library, a separate process): "
+        "- transformers' own path (no library, a separate process): "
         + ("runs." if own.get("runnable") else f"not runnable on this install: {own.get('reason')}."),
         "",
         "## Modes",

@@ -34,7 +34,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the repository as checked out: no install needed
@@ -366,7 +366,7 @@ def transformers_own_measure(shapes: Shapes, seq: int, folder: Path, device: tor
 
 
 def _child(arguments: list) -> subprocess.Popen:
-    env = {**os.environ, NO_IMPORT_HOOK: "1"}
+    env = {**os.environ, NO_IMPORT_HOOK: "1", "HF_HOME": tempfile.mkdtemp(prefix="qcc-bench-child-hf-")}
     return subprocess.Popen(
         [sys.executable, str(Path(__file__).resolve()), *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -466,7 +466,7 @@ def main(argv: Optional[list] = None) -> int:
         out_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
     selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
-    for seq in shapes.seqs:
+    for seq in sorted(shapes.seqs, reverse=True):  # the longest first: it matters most if time runs out
         for mode in selected:
             if time.monotonic() - began > args.deadline:
                 result = Result(mode.name, seq, mode.description, status="skipped", reason=f"time limit ({args.deadline:.0f} s)")

@@ -145,8 +145,9 @@ def _causal_arguments(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]
     bound = dict(zip(_SDPA_PARAMETERS, args))
     bound.update(kwargs)
     query, key, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
-    if not isinstance(mask, torch.Tensor) or bound.get("is_causal") or not isinstance(query, torch.Tensor):
+    if bound.get("is_causal") or not all(isinstance(t, torch.Tensor) for t in (query, key, mask)):
         return None
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(mask, torch.Tensor)
     length = query.shape[-2]
     if key.shape[-2] != length or mask.dim() > 4 or tuple(mask.shape[-2:]) != (length, length):
         return None

@@ -588,7 +588,7 @@ class BudgetPlanner:
             return
         self.highest_seen = peak
         plan = self._replace(plan, observed_peak_bytes=peak)
-        if peak <= self.budget or not plan.fits:
+        if peak <= self.budget or not plan.fits or plan.measurement is None:
             return
         # The planned step went over: re-plan with the difference added to the floor transient.
         excess = peak - (plan.predicted_peak_bytes or peak)
@@ -644,7 +644,9 @@ def memory_plan(model: Any) -> Optional[MemoryPlan]:
 def check_budget(model: torch.nn.Module, budget_bytes: int) -> None:
     """Raises `ValueError` when the device holding ``model`` already has more allocated than the budget."""
     parameter = next(iter(model.parameters()), None)
-    memory = device_memory(parameter.device) if parameter is not None else None
+    if parameter is None:
+        return
+    memory = device_memory(parameter.device)
     if memory is not None and memory.allocated() >= budget_bytes:
         raise ValueError(
             f"memory_budget={format_bytes(budget_bytes)} is below the {format_bytes(memory.allocated())} already "

@@ -266,9 +266,8 @@ def test_a_longer_sequence_is_measured_again_and_a_shorter_one_reuses_the_plan(f
 
 
 def test_trainer_keeps_the_budget_and_its_plan(four_blocks, device, tmp_path):
-    from test_trainer import _Rows, _training_arguments
-
     import transformers
+    from test_trainer import _Rows, _training_arguments
 
     model = lora(four_blocks)
     a = _block_bytes(model, batch())
