@@ -294,11 +294,14 @@ def test_a_step_over_the_budget_makes_it_replan(four_blocks, device):
     _runs(model, inputs)
     device.peak = device.allocated_bytes + 5 * a
     assert _runs(model, inputs) == [2, 2, 1, 1]
+    predicted = memory_plan(model).predicted_peak_bytes
     device.peak = budget + a // 2  # the planned step went over
     with pytest.warns(CompatWarning, match="above the plan's prediction; re-planned"):
         runs = _runs(model, inputs)
-    assert runs == [2, 2, 2, 1] and memory_plan(model).observed_peak_bytes is None
-    assert memory_plan(model).correction_bytes > 0
+    plan = memory_plan(model)
+    assert runs == [2, 2, 2, 1], "one block fewer kept, from this step on"
+    assert plan.correction_bytes == device.peak - predicted
+    assert plan.predicted_peak_bytes == predicted - a + plan.correction_bytes <= budget
 
 
 def test_no_plan_fits_warns_with_the_minimum(four_blocks, device):
