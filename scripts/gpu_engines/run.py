@@ -229,8 +229,11 @@ def verdict(job: Job, result: dict, results: dict) -> list[str]:
         failed.append("no warning that FSDP's activation checkpointing wins")
     if "reload_error" in result:
         failed.append(f"saving/reloading the adapter: {result['reload_error']}")
-    elif job.engine == "zero3" and result.get("logits_rel_diff", 1.0) > 1e-2:
-        failed.append(f"reloaded adapter's logits differ: {result.get('logits_rel_diff')}")
+    elif job.engine == "zero3":
+        if not result.get("adapter_tensors_equal"):
+            failed.append("the saved adapter's tensors differ from the trained ones")
+        if result.get("logits_rel_diff", 1.0) > 1e-2:
+            failed.append(f"reloaded adapter's logits differ: {result.get('logits_rel_diff')}")
     if job.engine in ("qlora4", "qlora8"):
         lora = results.get("lora-bf16-32l", {})
         if "ranks" in lora and ranks[0]["peak_bytes"] >= lora["ranks"][0]["peak_bytes"]:
