@@ -244,12 +244,15 @@ def main(argv: Optional[list] = None) -> int:
     report: Any = json.loads(args.results.read_text(encoding="utf-8"))
     args.docs.mkdir(parents=True, exist_ok=True)
     plotted = plot(report, args.docs / PLOT)
+    if not plotted and (args.docs / PLOT).is_file():
+        print(f"kept the existing {args.docs / PLOT} (no matplotlib here or no peaks in the JSON): make sure it is this run's")
+        plotted = True
     try:
         source = str(args.results.resolve().relative_to(ROOT))
     except ValueError:
         source = args.results.name
     (args.docs / "performance.md").write_text(render(report, source, plotted), encoding="utf-8")
-    print(f"wrote {args.docs / 'performance.md'}" + (f" and {args.docs / PLOT}" if plotted else " (no plot: no peaks or no matplotlib)"))
+    print(f"wrote {args.docs / 'performance.md'}" + ("" if plotted else " (no plot: no peaks or no matplotlib)"))
     return 0
 
 
