@@ -8,7 +8,11 @@ the way transformers' native ``GradientCheckpointingLayer`` does:
 * a block runs ``_gradient_checkpointing_func(partial(block.__call__, **kwargs), *args)`` when its
   ``gradient_checkpointing`` flag is set, it is training and grad mode is on;
 * the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on and it is
-  training, the duty its forward performs when checkpointing itself.
+  training, the duty its forward performs when checkpointing itself;
+* a block whose engine prepares its inputs in forward pre-hooks (FSDP2 casts them to the mixed-precision
+  dtype) checkpoints its ``forward`` instead, inside those hooks, so that the recompute sees the same inputs;
+* a block that an engine's own activation checkpointing already wraps (FSDP's ``activation_checkpointing``)
+  is left to it, with a warning: no block is checkpointed twice.
 
 The ``__call__`` wrappers are installed once per class by :mod:`qwen_ckpt_compat.patching`; the per-instance
 state lives in the module attributes named below (``FLAG`` and ``FUNC`` have the same names and meaning as on
@@ -20,12 +24,16 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["CheckpointSettings", "build_checkpoint_function", "route", "unroute", "clear"]
+from . import engines
+from .errors import CompatWarning
+
+__all__ = ["CheckpointSettings", "build_checkpoint_function", "route", "route_blocks", "unroute", "clear"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +43,11 @@ OWNER_FLAG = "_qcc_routes_checkpointing"
 INPUT_GRADS_HOOK = "_qcc_input_grads_hook"
 _WARNED_CACHE = "_qcc_warned_use_cache"
 _SAVED = "_qcc_saved_attributes"  # what a block had under FLAG/FUNC before it was first routed
+PLANNER = "_qcc_planner"  # on the first block: the memory-budget planner to call before each training forward
+BUDGET = "_qcc_budget_planner"  # on the model: that planner, kept (with its plans) while checkpointing is off
+_CHECKPOINT_FORWARD = "_qcc_checkpoint_forward"  # set by __call__ for the forward inside an engine's hooks
+_ENGINE_CHECKPOINTS = "_qcc_engine_checkpoints"  # an engine's own activation checkpointing wraps this block
+_WARNED_ENGINE = "_qcc_warned_engine_checkpoints"
 
 
 @dataclass(frozen=True)
@@ -48,6 +61,9 @@ class CheckpointSettings:
         every_n_layers (`int`): checkpoint blocks ``0, n, 2n, ...`` and keep the activations of the others.
         offload (`bool`): the saved block inputs live in (pinned) host memory.
         kwargs (`dict`): the kwargs given to ``torch.utils.checkpoint.checkpoint``, for display.
+        memory_budget (`int`, *optional*): bytes; which blocks are checkpointed is then planned during training
+            (see :mod:`qwen_ckpt_compat.budget` and ``memory_plan(model)``).
+        selective (`bool`): checkpointed blocks keep their attention outputs (``kwargs["context_fn"]``).
     """
 
     function: Callable[..., Any]
@@ -55,6 +71,8 @@ class CheckpointSettings:
     every_n_layers: int = 1
     offload: bool = False
     kwargs: Optional[dict] = None
+    memory_budget: Optional[int] = None
+    selective: bool = False
 
 
 def _offload_device_type() -> Optional[str]:
@@ -98,10 +116,20 @@ def reentrancy_of(function: Callable[..., Any]) -> Optional[bool]:
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
     state = instance.__dict__
-    if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()):
+    planner = state.get(PLANNER)
+    if planner is not None and instance.training and torch.is_grad_enabled():
+        planner.before_first_block(instance, wrapped, args, kwargs)  # may re-flag every block
+    if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()) or state.get(_ENGINE_CHECKPOINTS):
         return wrapped(*args, **kwargs)
     if not _gradient_can_flow(instance, args, kwargs):
         return wrapped(*args, **kwargs)  # nothing would be saved for a backward pass: nothing to recompute
+    if engines.checkpoints_inside_hooks(instance):
+        # The hooks run first and `checkpointed_block_forward` checkpoints what they hand to `forward`.
+        state[_CHECKPOINT_FORWARD] = True
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            state.pop(_CHECKPOINT_FORWARD, None)
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
     return state[FUNC](functools.partial(wrapped, **kwargs), *args)
@@ -112,10 +140,19 @@ def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> boo
 
     A frozen block fed with inputs that need no gradient (a frozen vision tower) keeps no activations for the
     backward pass, so checkpointing it would only run it twice for nothing (and torch's reentrant variant warns).
+    A block whose parameters are not visible on it (an engine holds them flattened) is assumed to need one.
     """
     if any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
         return True
-    return any(parameter.requires_grad for parameter in block.parameters())
+    parameters = list(block.parameters())
+    return not parameters or any(parameter.requires_grad for parameter in parameters)
+
+
+def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper for a decoder block's ``forward``: checkpoints it when ``__call__`` asked for that."""
+    if not instance.__dict__.pop(_CHECKPOINT_FORWARD, False):
+        return wrapped(*args, **kwargs)
+    return instance.__dict__[FUNC](functools.partial(wrapped, **kwargs), *args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,6 +168,7 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed."""
     if not (instance.__dict__.get(OWNER_FLAG) and instance.training):
         return wrapped(*args, **kwargs)
+    _leave_blocks_to_engine_checkpointing(instance)
     position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
         requested = args[position]
@@ -144,6 +182,24 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
         instance.__dict__[_WARNED_CACHE] = True
         logger.warning("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
     return wrapped(*args, **kwargs)
+
+
+def _leave_blocks_to_engine_checkpointing(owner: torch.nn.Module) -> None:
+    """Marks the routed blocks that an engine's own activation checkpointing wraps, and warns once."""
+    covered = [block for block in engines.outer_checkpointed_blocks(owner) if block.__dict__.get(FLAG)]
+    for block in covered:
+        block.__dict__[_ENGINE_CHECKPOINTS] = True
+    if covered and not owner.__dict__.get(_WARNED_ENGINE):
+        owner.__dict__[_WARNED_ENGINE] = True
+        warnings.warn(
+            f"{len(covered)} decoder block(s) of {type(owner).__qualname__} are already checkpointed by the "
+            "training engine (torch's checkpoint_wrapper, as FSDP's `activation_checkpointing` applies it); "
+            "the engine's checkpointing wins for those blocks and qwen-ckpt-compat does not checkpoint them a "
+            "second time. To have qwen-ckpt-compat checkpoint them instead (honouring use_reentrant, "
+            "every_n_layers and offload), turn the engine's activation checkpointing off.",
+            CompatWarning,
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------------------------------ per model
@@ -181,14 +237,29 @@ def route(
     for owner in owners:
         owner.__dict__[FLAG] = False  # the remote forward must not call torch's checkpoint itself
         owner.__dict__[OWNER_FLAG] = True
+    route_blocks(blocks, settings)
+    if settings.memory_budget is not None and blocks:
+        from .budget import attach
+
+        attach(model, blocks, settings)  # sets each block's flag and function from its plan
+    else:
+        _detach_planner(model, blocks, forget=True)
+    # Reentrant checkpointing only propagates gradients to inputs that require them; with a frozen base the
+    # embeddings' output does not, so LoRA weights inside the blocks would get none.
+    _set_input_grads(model, settings.use_reentrant is not False)
+
+
+def route_blocks(blocks: list[torch.nn.Module], settings: CheckpointSettings) -> None:
+    """Flags ``blocks`` (in model order) to checkpoint through ``settings``: every ``every_n_layers``-th one.
+
+    :func:`route` does it for the decoder blocks; a family's extra blocks (Qwen-VL's vision transformer) are
+    flagged alone, counted on their own and outside any memory-budget plan.
+    """
     every = max(1, int(settings.every_n_layers))
     for index, block in enumerate(blocks):
         block.__dict__.setdefault(_SAVED, {name: block.__dict__[name] for name in (FLAG, FUNC) if name in block.__dict__})
         block.__dict__[FUNC] = settings.function
         block.__dict__[FLAG] = index % every == 0
-    # Reentrant checkpointing only propagates gradients to inputs that require them; with a frozen base the
-    # embeddings' output does not, so LoRA weights inside the blocks would get none.
-    _set_input_grads(model, settings.use_reentrant is not False)
 
 
 def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:
@@ -197,15 +268,23 @@ def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[
         owner.__dict__[OWNER_FLAG] = False
     for block in blocks:
         block.__dict__[FLAG] = False
+    _detach_planner(model, blocks, forget=False)  # the plans stay for a later re-enable (Trainer's)
     _set_input_grads(model, False)
+
+
+def _detach_planner(model: torch.nn.Module, blocks: list[torch.nn.Module], forget: bool) -> None:
+    for block in blocks:
+        block.__dict__.pop(PLANNER, None)
+    if forget:
+        model.__dict__.pop(BUDGET, None)
 
 
 def clear(model: torch.nn.Module) -> None:
     """Removes every attribute and hook this module put on ``model`` and its submodules."""
     _set_input_grads(model, False)
     for module in model.modules():
-        module.__dict__.pop(OWNER_FLAG, None)
-        module.__dict__.pop(_WARNED_CACHE, None)
+        for name in (OWNER_FLAG, _WARNED_CACHE, _WARNED_ENGINE, _ENGINE_CHECKPOINTS, _CHECKPOINT_FORWARD, PLANNER, BUDGET):
+            module.__dict__.pop(name, None)
         if _SAVED in module.__dict__:
             saved = module.__dict__.pop(_SAVED)
             module.__dict__.pop(FLAG, None)

@@ -34,6 +34,7 @@ BEHAVIOURS = (
     "every_n_layers",
     "offload",
     "unpatch",
+    "engines",
 )
 COMPANIONS = ("peft", "accelerate", "tokenizers", "huggingface-hub")
 VARIANTS = {
