@@ -111,6 +111,7 @@ def test_import_alone_honours_peft_prepare_model_for_kbit_training(tmp_path, mon
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        del model.is_loaded_in_8bit  # float layers after all: get_peft_model must not look for bitsandbytes ones
         peft_model = lora(model)
         with spy_checkpoint(monkeypatch) as calls:
             grads = step_grads(peft_model)
