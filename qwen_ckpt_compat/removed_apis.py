@@ -19,8 +19,8 @@ where the class needs it, which is found by looking at the classes (never at the
   instead of recomputing the whole sequence at every step.
 * Position ids of the tokens fed: later 5.x ``generate`` builds ``position_ids`` for the whole sequence and
   hands them to every step; a ``prepare_inputs_for_generation`` that passes ``position_ids`` on (LLaMA-era:
-  InternLM, Baichuan2-7B) cut only those it computed itself, so the last token came with every position. The
-  positions returned are cut to the ids returned.
+  InternLM's) cut only those it computed itself, so the last token came with every position. The positions
+  returned are cut to the ids returned.
 * Loaded weights left alone (5.0 until transformers protected remote code again): 5.0 runs the model's
   ``_init_weights`` on every module after loading and only guards ``torch.nn.init`` calls, so remote code that
   initialises in place (``module.weight.data.normal_()``) overwrote the checkpoint's weights with random ones.
@@ -44,6 +44,8 @@ On the model's **construction** (:func:`record_construction`, :func:`recompute_n
   built from them (on the CPU, outside the meta device) and every non-persistent buffer that differs from what
   ``__init__`` computes is replaced. On releases that build models on a real device nothing differs and
   nothing is replaced.
+* Tensors computed in ``__init__`` and kept as plain attributes (Baichuan2-7B's rotary tables): 5.x leaves them
+  on the meta device, where the forward cannot use them; they get the fresh copy's values, on the CPU.
 * ``post_init()`` never called: 5.x's ``from_pretrained`` reads state that ``post_init`` records
   (``all_tied_weights_keys``), and ChatGLM2/3's model classes never call it (4.x did not need it). Where the
   finished model lacks that state, ``post_init()`` is run once at the end of its construction.
@@ -558,9 +560,14 @@ def restore_config_attributes(cls: type) -> list[str]:
 _RECIPES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
+def _plain_tensors(module: torch.nn.Module) -> dict:
+    """Tensors a module holds as plain attributes (neither parameters nor buffers)."""
+    return {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)}
+
+
 def _record_arguments(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
     result = wrapped(*args, **kwargs)
-    if instance is None or not getattr(instance, "_non_persistent_buffers_set", None):
+    if instance is None or not (getattr(instance, "_non_persistent_buffers_set", None) or _plain_tensors(instance)):
         return result
     # Only the outermost __init__ of the instance's class knows the arguments that build it again (a parent's
     # __init__, reached through super(), gets the parent's arguments).
@@ -577,11 +584,12 @@ def _remote_package_modules(cls: type) -> list:
 
 
 def record_construction(cls: type) -> list[str]:
-    """Records the arguments remote modules that register buffers in ``__init__`` are built with.
+    """Records the arguments remote modules that compute tensors in ``__init__`` are built with.
 
     Wraps the ``__init__`` of every ``torch.nn.Module`` class of the remote-code package of ``cls`` (not the
-    ``PreTrainedModel`` classes) whose ``__init__`` calls ``register_buffer``, so that
-    :func:`recompute_non_persistent_buffers` can build a fresh copy after loading. Idempotent.
+    ``PreTrainedModel`` classes); an instance left with non-persistent buffers or plain tensor attributes has its
+    arguments recorded, so that :func:`recompute_non_persistent_buffers` can build a fresh copy after loading.
+    Idempotent.
 
     Returns:
         `list[str]`: the classes wrapped now.
@@ -596,7 +604,7 @@ def record_construction(cls: type) -> list[str]:
             if value.__module__ != module.__name__:
                 continue  # imported from elsewhere: wrapped where it is defined, if it is remote code
             init = value.__dict__.get("__init__")
-            if init is None or isinstance(init, wrapt.FunctionWrapper) or "register_buffer" not in _code_names(init):
+            if init is None or isinstance(init, wrapt.FunctionWrapper):
                 continue
             wrapt.wrap_function_wrapper(value, "__init__", _record_arguments)
             installed.append(f"{value.__qualname__}.__init__")
@@ -605,9 +613,12 @@ def record_construction(cls: type) -> list[str]:
 
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """``dtype`` as torch's default inside (as ``from_pretrained`` builds a model), where torch accepts it."""
     previous = torch.get_default_dtype()
-    if dtype.is_floating_point:
+    try:
         torch.set_default_dtype(dtype)
+    except (TypeError, ValueError):
+        pass  # not a default torch takes (an older torch and a half type): the previous default it is
     try:
         yield
     finally:
@@ -621,20 +632,28 @@ def recompute_non_persistent_buffers(model: torch.nn.Module) -> list[str]:
     fresh copy is built from the recorded arguments on the CPU (with the model's dtype as the default, as
     ``from_pretrained`` builds models), and each of its non-persistent buffers that differs from the model's
     (5.x leaves them uninitialised after a meta-device load) is replaced, on the buffer's device and in its dtype.
+    A tensor held as a plain attribute and left on the meta device (5.x built it there; Baichuan2-7B's rotary
+    tables are such) gets the fresh value, on the CPU where ``__init__`` put it before 5.0.
 
     Returns:
-        `list[str]`: the names of the buffers replaced (empty where loading left them right).
+        `list[str]`: the names of the tensors replaced (empty where loading left them right).
     """
     replaced = []
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
     for name, module in model.named_modules():
         recipe = _RECIPES.get(module)
         names = [n for n in getattr(module, "_non_persistent_buffers_set", ()) if module._buffers.get(n) is not None]
-        if recipe is None or not names:
+        on_meta = [n for n, tensor in _plain_tensors(module).items() if tensor.device.type == "meta"]
+        if recipe is None or not (names or on_meta):
             continue
         args, kwargs = recipe
         with torch.device("cpu"), _default_dtype(dtype):
             fresh = type(module)(*args, **kwargs)
+        for attribute in on_meta:
+            value = vars(fresh).get(attribute)
+            if isinstance(value, torch.Tensor) and value.shape == vars(module)[attribute].shape:
+                module.__dict__[attribute] = value
+                replaced.append(f"{name}.{attribute}" if name else attribute)
         for buffer_name in names:
             current = module._buffers[buffer_name]
             expected = fresh._buffers.get(buffer_name)

@@ -29,7 +29,7 @@ _QWEN_FILES = (
     "test_loading_patch",
 )
 _FAMILY_PARAMETERS = ("family_model", "setup", "loaded")  # the fixtures parametrized by family name
-_NAMED_FAMILIES = ("qwen_vl", "chatglm", "baichuan", "internlm", "new_api")
+_NAMED_FAMILIES = ("qwen_vl", "chatglm", "baichuan_7b", "baichuan", "internlm", "new_api")
 
 
 def _family_of(item) -> "str | None":
@@ -101,7 +101,7 @@ def native_model_factory(request):
     return lambda: _native(request.param)
 
 
-FAMILIES = ("chatglm", "baichuan", "internlm", "qwen_vl")  # the old-API families besides Qwen v1
+FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")  # the old-API fixtures besides Qwen v1
 
 
 @pytest.fixture(scope="session")

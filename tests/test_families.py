@@ -161,7 +161,7 @@ def test_every_fixture_is_recognised_as_its_family(tmp_path):
         if any(importlib.util.find_spec(package) is None for package in family.packages):
             continue  # Qwen-VL without Pillow/requests: its own tests skip, saying so
         model = family.load(fresh_dir(tmp_path, family.write, name))
-        assert family_of(model).name == name
+        assert family_of(model).name == family.family
         assert family_of(type(model.config)).model_types == family_of(model).model_types
 
 

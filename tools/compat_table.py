@@ -45,7 +45,8 @@ FAMILIES = {
     "qwen": "Qwen v1",
     "qwen_vl": "Qwen-VL",
     "chatglm": "ChatGLM2/3",
-    "baichuan": "Baichuan2",
+    "baichuan": "Baichuan2-13B",
+    "baichuan_7b": "Baichuan2-7B",
     "internlm": "InternLM v1",
     "new_api": "new API (left alone)",
 }

@@ -56,7 +56,7 @@ import torch  # noqa: E402
 REFERENCE_TRANSFORMERS = "4.55.4"
 REFERENCE_DIR = ROOT / "tests" / "reference"
 DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
-FAMILIES = ("chatglm", "baichuan", "internlm", "qwen_vl")
+FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")
 IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
 PEFT_PREFIX = "base_model.model."

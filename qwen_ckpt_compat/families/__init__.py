@@ -15,7 +15,7 @@ Adding a family means adding a module with a ``FAMILY`` and one line in :data:`_
 :mod:`qwen_ckpt_compat.testing` and its tests.
 
 This module also runs the per-class and per-model preparation the import hook and :func:`~qwen_ckpt_compat.patch`
-apply: :func:`prepare_class` and :func:`prepare_model`.
+apply: :func:`prepare_class`, :func:`prepare_loaded_model` and :func:`prepare_model`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-__all__ = ["Family", "families", "family_of", "prepare_class", "prepare_model"]
+__all__ = ["Family", "families", "family_of", "prepare_class", "prepare_loaded_model", "prepare_model"]
 
 # Registry: one line per family, most specific first (Qwen-VL before Qwen: both are model_type "qwen").
 _MODULES = ("qwen_vl", "qwen", "chatglm", "baichuan", "internlm")
@@ -132,7 +132,7 @@ def prepare_class(cls: type) -> list:
         return []
     installed = removed_apis.restore_removed_apis(cls)
     installed += removed_apis.record_construction(cls)
-    installed += removed_apis.repair_after_loading(cls, prepare_model)
+    installed += removed_apis.repair_after_loading(cls, prepare_loaded_model)
     family = family_of(cls)
     if family is not None and family.prepare_class is not None:
         installed += family.prepare_class(cls)
@@ -140,10 +140,10 @@ def prepare_class(cls: type) -> list:
 
 
 def prepare_model(model: Any) -> list:
-    """Per-model repairs, after ``from_pretrained`` (the import hook) and in :func:`~qwen_ckpt_compat.patch`.
+    """Per-model repairs, in :func:`~qwen_ckpt_compat.patch` and after loading (:func:`prepare_loaded_model`).
 
     The removed-API repairs of its classes (for a model loaded before the import hook), the config attributes,
-    non-persistent buffers left uninitialised by loading, and its family's own repairs. Idempotent.
+    and its family's own repairs. Idempotent.
 
     Returns:
         `list[str]`: what was repaired now.
@@ -154,8 +154,21 @@ def prepare_model(model: Any) -> list:
     config = getattr(model, "config", None)
     if config is not None and family_of(type(config)) is not None:
         repaired += removed_apis.restore_config_attributes(type(config))
-    repaired += removed_apis.recompute_non_persistent_buffers(model)
     family = family_of(model)
     if family is not None and family.prepare_model is not None:
         repaired += family.prepare_model(model)
     return repaired
+
+
+def prepare_loaded_model(model: Any) -> list:
+    """What ``from_pretrained`` of a prepared class runs on each model it loads (before anyone ran it).
+
+    The non-persistent buffers that loading left uninitialised get their ``__init__`` values again (only here:
+    later, a buffer may hold what the forward made of it), then :func:`prepare_model`.
+
+    Returns:
+        `list[str]`: what was repaired now.
+    """
+    from .. import removed_apis
+
+    return removed_apis.recompute_non_persistent_buffers(model) + prepare_model(model)

@@ -7,9 +7,14 @@ a one-element tuple and so always truthy: transformers' ``post_init`` turns it i
 model is being built, on every release. On 4.35.x that call raises the ``enable`` TypeError inside
 ``from_pretrained``, before anything could patch the model afterwards.
 
-Nothing of its own: the import hook patches its classes when they are loaded (so it loads on 4.35.x), and an
+Baichuan2-7B (rotary, ``DecoderLayer``) also computes its rotary tables in ``RotaryEmbedding.__init__`` as plain
+tensor attributes: 5.x's meta-device construction leaves them on the meta device and the first forward fails
+(``Cannot copy out of meta tensor``).
+
+Nothing of its own: the import hook patches its classes when they are loaded (so it loads on 4.35.x), an
 enable call made by ``post_init`` with nobody asking warns once, saying how to turn it off
-(:mod:`qwen_ckpt_compat.patching`).
+(:mod:`qwen_ckpt_compat.patching`), and the 7B tables get their ``__init__`` values after loading
+(:func:`qwen_ckpt_compat.removed_apis.recompute_non_persistent_buffers`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ FAMILY = Family(
     model_types=("baichuan",),
     checkpointed="each decoder layer (BaichuanLayer / DecoderLayer)",
     caveats=(
+        "Load it after `import qwen_ckpt_compat` on 5.x: Baichuan2-7B's rotary tables are recomputed after loading.",
         "Every load turns checkpointing on (its config's `gradient_checkpointing` is a truthy tuple); the library "
         "routes it and warns; `prepare_for_lora(model, use_gradient_checkpointing=False)` turns it off.",
         "Load it after `import qwen_ckpt_compat`: on transformers 4.35.x the load itself fails otherwise.",

@@ -1,6 +1,7 @@
 """Tiny, faithful remote-code models of the old-API families, for tests and for downstream CI.
 
-Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`), Baichuan2 (:func:`write_tiny_baichuan`), InternLM v1
+Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
+layouts), InternLM v1
 (:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), and a model already on transformers' new
 checkpointing API (:func:`write_tiny_new_api_model`); :data:`TINY_FAMILIES` lists them with what tests need to
 know about each. Every one is written from the documented interface of the real remote code (see each file's
@@ -51,6 +52,7 @@ __all__ = [
     "load_tiny_qwen_vl",
     "qwen_vl_image_span",
     "write_tiny_baichuan",
+    "write_tiny_baichuan_7b",
     "write_tiny_chatglm",
     "write_tiny_internlm",
     "write_tiny_new_api_model",
@@ -270,7 +272,7 @@ def load_tiny_qwen(path: Union[str, os.PathLike], **kwargs: Any) -> Any:
     return AutoModelForCausalLM.from_pretrained(os.fspath(path), trust_remote_code=True, **kwargs)
 
 
-from ._baichuan import load_tiny_baichuan, write_tiny_baichuan  # noqa: E402
+from ._baichuan import load_tiny_baichuan, write_tiny_baichuan, write_tiny_baichuan_7b  # noqa: E402
 from ._chatglm import load_tiny_chatglm, write_tiny_chatglm  # noqa: E402
 from ._internlm import load_tiny_internlm, write_tiny_internlm  # noqa: E402
 from ._new_api import load_tiny_new_api_model, write_tiny_new_api_model  # noqa: E402
@@ -282,7 +284,7 @@ class TinyFamily:
     """One tiny fixture, and what a test needs to know about it.
 
     Attributes:
-        name (`str`): the family's name in :mod:`qwen_ckpt_compat.families`.
+        name (`str`): the fixture's name (the family's, or the family's and a layout: ``"baichuan_7b"``).
         write (`Callable`): ``write(path, **config_overrides)`` writes the model directory.
         load (`Callable`): ``load(path, **from_pretrained_kwargs)`` loads it as users do.
         target_modules (`tuple[str, ...]`): LoRA targets users of that family pass to peft.
@@ -290,6 +292,7 @@ class TinyFamily:
         final_norm (`str`): name of the module the last block's output goes through.
         vocab_size (`int`): ids of a test batch are drawn below it.
         packages (`tuple[str, ...]`): third-party packages its remote code imports when it loads.
+        family (`str`): the family's name in :mod:`qwen_ckpt_compat.families` (``name`` when empty).
     """
 
     name: str
@@ -300,6 +303,11 @@ class TinyFamily:
     final_norm: str
     vocab_size: int = 256
     packages: Tuple[str, ...] = ()
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
 
 
 def _families() -> Dict[str, TinyFamily]:
@@ -312,6 +320,10 @@ def _families() -> Dict[str, TinyFamily]:
             "transformer.encoder.final_layernorm",
         ),
         TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, _baichuan.TARGET_MODULES, "BaichuanLayer", "model.norm"),
+        TinyFamily(
+            "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, _baichuan.TARGET_MODULES, "DecoderLayer",
+            "model.norm", family="baichuan",
+        ),
         TinyFamily(
             "internlm", write_tiny_internlm, load_tiny_internlm, _internlm.TARGET_MODULES, "InternLMDecoderLayer", "model.norm"
         ),

@@ -9,6 +9,12 @@ from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_te
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "baichuan2"
 CODE_FILES: Tuple[str, ...] = ("configuration_baichuan.py", "modeling_baichuan.py")
+# The 7B layout (rotary tables as plain tensor attributes, `DecoderLayer`) has a modeling file of its own and the
+# same configuration class.
+CODE_FILES_7B: Tuple[str, ...] = (
+    "configuration_baichuan.py",
+    str(Path(__file__).resolve().parent / "baichuan2_7b" / "modeling_baichuan.py"),
+)
 TARGET_MODULES: Tuple[str, ...] = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The LoRA targets Baichuan2 users pass to peft."""
 
@@ -37,9 +43,14 @@ def write_tiny_baichuan(
     vocab_size: int = 256,
     model_max_length: int = 64,
     seed: int = 0,
+    layout: str = "13b",
     **config_overrides: Any,
 ) -> Path:
-    """Writes a local Baichuan2 (13B layout: ALiBi, ``BaichuanLayer``) remote-code model with tiny random weights.
+    """Writes a local Baichuan2 remote-code model with tiny random weights.
+
+    ``layout="13b"`` (the default): ALiBi attention biases, ``BaichuanLayer``. ``layout="7b"``: rotary position
+    embeddings whose tables ``RotaryEmbedding.__init__`` computes as plain tensor attributes, ``DecoderLayer``
+    (:func:`write_tiny_baichuan_7b`). The weights have the same names and values in both.
 
     Like the real ``config.json`` files, it says nothing about ``gradient_checkpointing``: the config class's
     default ``False`` becomes the truthy ``(False,)``, so every load enables checkpointing. Load it with
@@ -54,11 +65,14 @@ def write_tiny_baichuan(
         vocab_size (`int`, *optional*, defaults to 256): vocabulary size.
         model_max_length (`int`, *optional*, defaults to 64): the ALiBi cache length.
         seed (`int`, *optional*, defaults to 0): seed of the weights.
+        layout (`str`, *optional*, defaults to `"13b"`): ``"13b"`` or ``"7b"``.
         config_overrides (`Any`, *optional*): any other ``config.json`` key.
 
     Returns:
         `pathlib.Path`: the model directory.
     """
+    if layout not in ("13b", "7b"):
+        raise ValueError(f"layout must be '13b' or '7b', got {layout!r}")
     config: Dict[str, Any] = {
         "architectures": ["BaichuanForCausalLM"],
         "auto_map": {
@@ -88,7 +102,7 @@ def write_tiny_baichuan(
     return write_model_dir(
         path,
         code_dir=CODE_DIR,
-        code_files=CODE_FILES,
+        code_files=CODE_FILES if layout == "13b" else CODE_FILES_7B,
         config=config,
         tensors=lambda c: _tensors(c, seed),
         generation_config=generation_config,
@@ -98,3 +112,8 @@ def write_tiny_baichuan(
 def load_tiny_baichuan(path: PathLike, **kwargs: Any) -> Any:
     """Loads a directory written by :func:`write_tiny_baichuan` the way users load Baichuan2 (remote code)."""
     return load_remote_model(path, **kwargs)
+
+
+def write_tiny_baichuan_7b(path: PathLike, **kwargs: Any) -> Path:
+    """:func:`write_tiny_baichuan` with ``layout="7b"``."""
+    return write_tiny_baichuan(path, layout="7b", **kwargs)
