@@ -164,11 +164,14 @@ def prepare_loaded_model(model: Any) -> list:
     """What ``from_pretrained`` of a prepared class runs on each model it loads (before anyone ran it).
 
     The non-persistent buffers that loading left uninitialised get their ``__init__`` values again (only here:
-    later, a buffer may hold what the forward made of it), then :func:`prepare_model`.
+    later, a buffer may hold what the forward made of it), the auto class is recorded where transformers
+    4.45-4.52 forgot it (so that ``save_pretrained`` copies the remote code), then :func:`prepare_model`.
 
     Returns:
         `list[str]`: what was repaired now.
     """
     from .. import removed_apis
 
-    return removed_apis.recompute_non_persistent_buffers(model) + prepare_model(model)
+    repaired = removed_apis.recompute_non_persistent_buffers(model)
+    repaired += removed_apis.restore_auto_class(model)
+    return repaired + prepare_model(model)
