@@ -58,6 +58,7 @@ REFERENCE_DIR = ROOT / "tests" / "reference"
 DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
 FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")
 IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
+TINY_IMAGE_SIZE = 28  # write_tiny_qwen_vl's default image_size
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
 PEFT_PREFIX = "base_model.model."
 
@@ -160,7 +161,10 @@ def family_inputs(name: str) -> dict:
     if name == "qwen_vl":
         from qwen_ckpt_compat.testing import qwen_vl_image_span
 
-        data["image"] = torch.randint(0, 256, (30, 20, 3), generator=generator, dtype=torch.uint8)
+        # At the model's image size: Pillow then returns the pixels as they are instead of resampling them, which
+        # its releases do differently (the reference must hold whichever Pillow a row installs).
+        size = TINY_IMAGE_SIZE
+        data["image"] = torch.randint(0, 256, (size, size, 3), generator=generator, dtype=torch.uint8)
         span = torch.tensor(qwen_vl_image_span(IMAGE_NAME))
         data["input_ids"] = torch.cat([data["input_ids"][:, :3], span.expand(2, -1), data["input_ids"][:, 3:]], dim=1)
         data["prompt"] = torch.cat([data["prompt"][:, :2], span.expand(2, -1), data["prompt"][:, 2:]], dim=1)
