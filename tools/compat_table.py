@@ -199,6 +199,19 @@ def render(reports: Path, constraints: Path, torch: str) -> str:
     return "\n".join(out) + "\n"
 
 
+def family_cell(cases: list[Case], notes: Notes) -> str:
+    """A family's cell: as :func:`cell`, but a family none of whose tests ran gives one reason, the decisive one.
+
+    Its tests skip for several reasons at once (a release gate, and the packages its remote code needs); the one
+    that applies to all of them is a package missing where there is one.
+    """
+    if cases and all(c.outcome == "skipped" for c in cases):
+        reasons = sorted({c.message for c in cases})
+        missing = [r for r in reasons if "not installed" in r]
+        return "n/a " + notes.ref(f"skipped: {(missing or reasons)[0]}")
+    return cell(cases, notes)
+
+
 def family_table(rows: list, reports: Path, notes: Notes) -> list[str]:
     """Family x release: one line per matrix row, its reports and its variants' together."""
     head = ["row", "transformers", *FAMILIES.values()]
@@ -208,7 +221,7 @@ def family_table(rows: list, reports: Path, notes: Notes) -> list[str]:
         cases = [case for report in files if report.is_file() for case in read_cases(report)]
         if not cases:
             continue
-        cells = [cell([c for c in cases if c.family == family], notes) for family in FAMILIES]
+        cells = [family_cell([c for c in cases if c.family == family], notes) for family in FAMILIES]
         lines.append("| " + " | ".join([f"`{row_id}`", pins.get("transformers", "?"), *cells]) + " |")
     return lines
 
