@@ -24,6 +24,7 @@ __all__ = [
     "CompatWarning",
     "ModelInfo",
     "UnsupportedModelError",
+    "UnsupportedTorchError",
     "__version__",
     "StreamingUnavailableError",
     "capabilities",
@@ -51,6 +52,7 @@ _LAZY = {
     "CompatWarning": "errors",
     "CheckpointingNotSupportedError": "errors",
     "UnsupportedModelError": "errors",
+    "UnsupportedTorchError": "errors",
     "StreamingUnavailableError": "loading",
     "enable_remote_code_loading": "loading",
     "disable_remote_code_loading": "loading",
@@ -58,7 +60,13 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .detection import ModelInfo, describe
-    from .errors import CheckpointingNotSupportedError, CompatError, CompatWarning, UnsupportedModelError
+    from .errors import (
+        CheckpointingNotSupportedError,
+        CompatError,
+        CompatWarning,
+        UnsupportedModelError,
+        UnsupportedTorchError,
+    )
     from .loading import StreamingUnavailableError, disable_remote_code_loading, enable_remote_code_loading
     from .lora import prepare_for_lora
     from .patching import CheckpointRequest, checkpoint_settings, is_patched, patch, unpatch

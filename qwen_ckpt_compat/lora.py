@@ -16,7 +16,7 @@ from .patching import (
     patch,
     set_checkpointing_defaults,
 )
-from .versions import capabilities
+from .versions import capabilities, require_checkpoint_keywords
 
 __all__ = ["prepare_for_lora"]
 
@@ -109,6 +109,7 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
         raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
+    require_checkpoint_keywords(kwargs or {})  # e.g. context_fn on torch 2.0: refused now, not mid-training
     # A dict without `use_reentrant` expresses no preference on the mode: the non-reentrant default applies.
     return CheckpointRequest(
         kwargs={**DEFAULT_CHECKPOINT_KWARGS, **(kwargs or {})},

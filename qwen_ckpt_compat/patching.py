@@ -38,6 +38,7 @@ from .detection import (
 from .engines import own_class
 from .errors import CompatWarning
 from .removed_apis import restore_auto_class, restore_removed_apis
+from .versions import require_checkpoint_keywords
 
 __all__ = [
     "CheckpointRequest",
@@ -212,6 +213,7 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     request = request.over(CheckpointRequest(every_n_layers=every_n_layers))
     kwargs = dict(request.kwargs if request.kwargs is not None else DEFAULT_CHECKPOINT_KWARGS)
     kwargs.setdefault("use_reentrant", False)  # a dict without it expresses no preference on the mode
+    require_checkpoint_keywords(kwargs)  # what this torch's checkpoint does not take is refused at enable time
     offload = bool(request.offload)
     return routing.CheckpointSettings(
         function=routing.build_checkpoint_function(kwargs, offload),
