@@ -191,7 +191,8 @@ class EraRow:
 # has it (a CUDA build of 2-3 GB that runs on the CPU: PyPI has no CPU builds for Linux and the machines reach
 # no other index) and every other package as PyPI had it at the row's cut-off; only the test runner is newer
 # (TEST_RUNNER). Cold (empty uv cache) each takes 30-70 s to download and install, measured on 2026-11-28
-# (see EraRow rows below); all four run in the default session list.
+# (see EraRow rows below); all four run in the default session list. Not run: Python 3.14 and later (CI's
+# machines have no such interpreter, and pyproject.toml declares 3.9-3.13 only), torch below 2.0 (below the floor).
 ERA_ROWS = (
     # every floor at once: Python 3.9, torch 2.0.0, transformers 4.31.0, peft 0.4.0, accelerate 0.21.0, and
     # the library's own floors (ERA_EXTRA_PINS)
@@ -199,7 +200,7 @@ ERA_ROWS = (
     # the 4.35 TypeError era as users had it in November 2023; first torch whose checkpoint takes context_fn,
     # determinism_check and debug, and whose save_on_cpu takes device_type (2.1)
     EraRow(ROWS_BY_ID["4.35.2-last-typeerror"], "3.10", "2.1.1"),
-    # Python 3.12; first torch with create_selective_checkpoint_contexts and CPU-capable FSDP1/FSDP2 (2.5)
+    # Python 3.12; first torch with create_selective_checkpoint_contexts (2.5); its FSDP1 runs on the CPU
     EraRow(ROWS_BY_ID["4.48.3-fallback"], "3.12", "2.5.1"),
     # the newest Python the bounds declare with the newest torch and transformers on PyPI (2026-11-28)
     EraRow(ROWS_BY_ID["5.24.0-newest"], "3.13", "2.15.0"),
@@ -516,30 +517,34 @@ def constraints(session: nox.Session) -> None:
         if result.returncode:
             session.error(f"{row.id}: uv pip compile failed:\n{result.stderr}")
         pins = _drop_cuda_pins(result.stdout)
-        printf = "\\n".join(requirements)
         header = [
             f"# Matrix row {row.id}: transformers {row.transformers} with the packages PyPI had",
             f"# on {row.cutoff} (transformers {row.transformers} was uploaded {row.uploaded});",
             f"# torch {TORCH} is installed beside these pins and is not listed. Resolved as of",
-            *textwrap.wrap(
-                f"{TOOLS_CUTOFF} instead: {', '.join(UNDATED)} (see UNDATED in noxfile.py).",
-                width=96,
-                initial_indent="# ",
-                subsequent_indent="# ",
-            ),
+            *_comment(f"{TOOLS_CUTOFF} instead: {', '.join(UNDATED)} (see UNDATED in noxfile.py)."),
         ]
         if row.id in EXTRA_PINS:
             header.append(f"# Extra pins for this row (see EXTRA_PINS): {' '.join(EXTRA_PINS[row.id])}")
-        header += [
-            f"# Regenerate: nox -s constraints -- {row.id}",
-            "# which runs (requirements on stdin):",
-            f"#   printf '{printf}\\n' | \\",
-            "#   " + " ".join(c for c in cmd if c != "--quiet"),
-            f"# Use: uv pip install torch=={TORCH} -c constraints/{row.id}.txt transformers peft accelerate \\",
-            "#   transformers_stream_generator safetensors pytest -e .",
-        ]
+        header += _regeneration_note(row.id, requirements, cmd, "Use", TORCH)
         row.constraints.write_text("\n".join(header) + "\n" + pins, encoding="utf-8")
         session.log(f"{row.id}: wrote {row.constraints.name} in {time.monotonic() - started:.1f}s")
+
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=96, initial_indent="# ", subsequent_indent="# ")
+
+
+def _regeneration_note(row_id: str, requirements: list[str], cmd: list[str], use: str, torch: str) -> list[str]:
+    """The last lines of a constraints file's header: how to regenerate it and how to install from it."""
+    printf = "\\n".join(requirements)
+    return [
+        f"# Regenerate: nox -s constraints -- {row_id}",
+        "# which runs (requirements on stdin):",
+        f"#   printf '{printf}\\n' | \\",
+        "#   " + " ".join(c for c in cmd if c != "--quiet"),
+        f"# {use}: uv pip install torch=={torch} -c constraints/{row_id}.txt transformers peft accelerate \\",
+        "#   transformers_stream_generator safetensors pytest -e .",
+    ]
 
 
 def _write_era_constraints(session: nox.Session, era: EraRow) -> None:
@@ -565,24 +570,11 @@ def _write_era_constraints(session: nox.Session, era: EraRow) -> None:
     header = [
         f"# Era row {era.id}: Python {era.python}, torch {era.torch} (PyPI's build) and transformers",
         f"# {era.row.transformers} with the packages PyPI had on {era.row.cutoff} for that Python;",
-        *textwrap.wrap(
-            f"{', '.join(TEST_RUNNER)} resolved as of {TOOLS_CUTOFF} instead (see TEST_RUNNER in noxfile.py).",
-            width=96,
-            initial_indent="# ",
-            subsequent_indent="# ",
-        ),
+        *_comment(f"{', '.join(TEST_RUNNER)} resolved as of {TOOLS_CUTOFF} instead (see TEST_RUNNER in noxfile.py)."),
     ]
     if era.id in ERA_EXTRA_PINS:
         header.append(f"# Extra pins for this row (see ERA_EXTRA_PINS): {' '.join(ERA_EXTRA_PINS[era.id])}")
-    printf = "\\n".join(requirements)
-    header += [
-        f"# Regenerate: nox -s constraints -- {era.id}",
-        "# which runs (requirements on stdin):",
-        f"#   printf '{printf}\\n' | \\",
-        "#   " + " ".join(c for c in cmd if c != "--quiet"),
-        f"# Use (Python {era.python}): uv pip install torch=={era.torch} -c constraints/{era.id}.txt transformers peft \\",
-        "#   accelerate transformers_stream_generator safetensors pytest -e .",
-    ]
+    header += _regeneration_note(era.id, requirements, cmd, f"Use (Python {era.python})", era.torch)
     era.constraints.write_text("\n".join(header) + "\n" + result.stdout, encoding="utf-8")
     session.log(f"{era.id}: wrote {era.constraints.name} in {time.monotonic() - started:.1f}s")
 
