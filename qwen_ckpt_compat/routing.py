@@ -92,8 +92,8 @@ def _save_on_cpu_options() -> dict:
         return {"pin_memory": True}  # what an older save_on_cpu pins for
     warnings.warn(
         f"offload=True: pinned host memory for {device_type!r} needs torch >= {SAVE_ON_CPU_DEVICE_TYPE_RELEASE} "
-        f"(torch.autograd.graph.save_on_cpu(device_type=...)); torch {installed_version('torch')} pins for CUDA only, so the "
-        "saved block inputs go to ordinary (unpinned) host memory, which copies back more slowly.",
+        f"(torch.autograd.graph.save_on_cpu(device_type=...)); torch {installed_version('torch')} pins for CUDA "
+        "only, so the saved block inputs go to ordinary (unpinned) host memory, which copies back more slowly.",
         CompatWarning,
         stacklevel=2,
     )

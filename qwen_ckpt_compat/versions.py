@@ -13,8 +13,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Optional
 
 from packaging.version import Version
