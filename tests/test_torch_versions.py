@@ -63,27 +63,22 @@ def test_offload_on_a_gpu_host_passes_only_what_this_torch_takes(qwen, monkeypat
 
 
 @pytest.mark.behaviour("offload")
-@pytest.mark.skipif("device_type" in SAVE_ON_CPU_PARAMETERS, reason=f"torch {torch.__version__}'s save_on_cpu takes device_type")
-def test_offload_to_another_accelerator_on_old_torch_warns_and_offloads_unpinned(qwen, monkeypatch):
-    """Pinned memory for a non-CUDA accelerator needs ``save_on_cpu(device_type=)``, i.e. torch >= 2.1."""
+def test_offload_to_another_accelerator_pins_for_it_where_torch_can(qwen, monkeypatch):
+    """Pinned memory for a non-CUDA accelerator needs ``save_on_cpu(device_type=)``, i.e. torch >= 2.1; before
+    that the inputs go to unpinned host memory, with a warning naming the release."""
     entered = _spy_on_save_on_cpu(monkeypatch)
     monkeypatch.setattr(routing, "_offload_device_type", lambda: "xpu")
     prepare_for_lora(qwen, offload=True)
-    with pytest.warns(CompatWarning, match=r"torch >= 2\.1.*device_type"):
-        step_grads(qwen)
-    assert entered and all(options == {"pin_memory": False} for options in entered), entered
-
-
-@pytest.mark.behaviour("offload")
-@pytest.mark.skipif("device_type" not in SAVE_ON_CPU_PARAMETERS, reason=f"torch {torch.__version__}'s save_on_cpu has no device_type")
-def test_offload_to_another_accelerator_pins_for_that_device(qwen, monkeypatch):
-    entered = _spy_on_save_on_cpu(monkeypatch)
-    monkeypatch.setattr(routing, "_offload_device_type", lambda: "xpu")
-    prepare_for_lora(qwen, offload=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompatWarning)
-        step_grads(qwen)
-    assert entered and all(options == {"pin_memory": True, "device_type": "xpu"} for options in entered), entered
+    if "device_type" in SAVE_ON_CPU_PARAMETERS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompatWarning)
+            step_grads(qwen)
+        expected = {"pin_memory": True, "device_type": "xpu"}
+    else:
+        with pytest.warns(CompatWarning, match=r"torch >= 2\.1.*device_type"):
+            step_grads(qwen)
+        expected = {"pin_memory": False}
+    assert entered and all(options == expected for options in entered), entered
 
 
 def test_checkpoint_keywords_are_read_off_the_installed_torch():
@@ -104,13 +99,16 @@ def test_the_release_table_matches_the_installed_torch():
 
 @pytest.mark.behaviour("kwargs")
 @pytest.mark.parametrize("keyword", sorted(CHECKPOINT_KEYWORD_RELEASES))
-def test_a_checkpoint_keyword_this_torch_lacks_is_refused_naming_the_release(qwen, keyword):
+def test_a_checkpoint_keyword_is_refused_exactly_where_torch_lacks_it(qwen, keyword):
+    value = object()
     if keyword in checkpoint_keywords():
-        pytest.skip(f"torch {torch.__version__} takes {keyword}")
+        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": False, keyword: value})
+        assert checkpoint_settings(qwen).kwargs[keyword] is value
+        return
     release = CHECKPOINT_KEYWORD_RELEASES[keyword]
     pattern = rf"torch {re.escape(str(installed_version('torch')))}.*{keyword}.*torch >= {re.escape(release)}"
     with pytest.raises(UnsupportedTorchError, match=pattern):  # refused before any training step
-        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": False, keyword: object()})
+        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": False, keyword: value})
 
 
 @pytest.mark.behaviour("kwargs")
