@@ -23,6 +23,7 @@ __all__ = [
     "CompatError",
     "CompatWarning",
     "ModelInfo",
+    "MemoryPlan",
     "UnsupportedModelError",
     "UnsupportedTorchError",
     "__version__",
@@ -33,6 +34,7 @@ __all__ = [
     "checkpoint_settings",
     "describe",
     "is_patched",
+    "memory_plan",
     "patch",
     "prepare_for_lora",
     "unpatch",
@@ -45,6 +47,8 @@ _LAZY = {
     "is_patched": "patching",
     "checkpoint_settings": "patching",
     "CheckpointRequest": "patching",
+    "memory_plan": "budget",
+    "MemoryPlan": "budget",
     "describe": "detection",
     "ModelInfo": "detection",
     "capabilities": "versions",
@@ -59,6 +63,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .budget import MemoryPlan, memory_plan
     from .detection import ModelInfo, describe
     from .errors import (
         CheckpointingNotSupportedError,
