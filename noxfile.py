@@ -187,12 +187,14 @@ class EraRow:
 
 
 # The rows above prove the transformers range on Python 3.11 and torch 2.13.0 alone. These prove the Python
-# and torch ranges of pyproject.toml: each installs its Python (from pyenv on CI's machines), torch as PyPI
+# and torch ranges of pyproject.toml: each runs its Python (found under pyenv on CI's machines), torch as PyPI
 # has it (a CUDA build of 2-3 GB that runs on the CPU: PyPI has no CPU builds for Linux and the machines reach
 # no other index) and every other package as PyPI had it at the row's cut-off; only the test runner is newer
-# (TEST_RUNNER). Cold (empty uv cache) each takes 30-70 s to download and install, measured on 2026-11-28
-# (see EraRow rows below); all four run in the default session list. Not run: Python 3.14 and later (CI's
-# machines have no such interpreter, and pyproject.toml declares 3.9-3.13 only), torch below 2.0 (below the floor).
+# (TEST_RUNNER). Measured on 2026-11-28 with an empty uv cache (as on a fresh CI machine) and CI's 2 cores
+# shared with other work (load ~9): install 60-97 s and tests 104-156 s per era row, 14 of the run's 85
+# session-minutes; the whole default run took 43m52s of CI's 90. So all four are in the default run.
+# Not run: Python 3.14 and later (CI's machines have no such interpreter; pyproject.toml declares 3.9-3.13),
+# torch below 2.0 (below the floor).
 ERA_ROWS = (
     # every floor at once: Python 3.9, torch 2.0.0, transformers 4.31.0, peft 0.4.0, accelerate 0.21.0, and
     # the library's own floors (ERA_EXTRA_PINS)
