@@ -71,7 +71,7 @@ def prepare_for_lora(
             ``offload``, which the plan decides.
         selective (`bool`, *optional*, defaults to `False`):
             Selective recompute: checkpointed blocks keep their attention outputs (torch's selective activation
-            checkpointing, torch >= 2.4, non-reentrant checkpoint only) and recompute everything else.
+            checkpointing, torch >= 2.5, non-reentrant checkpoint only) and recompute everything else.
         fused_attention (`bool`, *optional*, defaults to `False`):
             Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
             padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
@@ -84,7 +84,7 @@ def prepare_for_lora(
         `UnsupportedModelError` (a `TypeError`): ``model`` is not a transformers model or a peft model around one.
         `TypeError` / `ValueError`: an option has the wrong type or value.
         `CheckpointingNotSupportedError` (a `ValueError`): checkpointing was asked of a model that cannot do it.
-        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.4.
+        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.5.
 
     Example:
 

@@ -247,10 +247,10 @@ def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
     from .selective import selective_checkpointing_available, selective_context_fn
 
     if kwargs["use_reentrant"] or not selective_checkpointing_available():
-        why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.4"
+        why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.5"
         warnings.warn(
             f"selective recompute cannot be used on {type(model).__qualname__}: {why} (it needs the non-reentrant "
-            "checkpoint of torch >= 2.4); checkpointed blocks are recomputed whole.",
+            "checkpoint of torch >= 2.5); checkpointed blocks are recomputed whole.",
             CompatWarning,
             stacklevel=5,
         )
