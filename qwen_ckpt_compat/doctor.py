@@ -393,7 +393,7 @@ def _stream_generator_status() -> tuple:
         except Exception as error:  # noqa: BLE001
             return "unknown", _one_line(error)
         if incompatibility is not None:
-            return "incompatible", f"{STREAM_PACKAGE} {incompatibility}"
+            return "incompatible", f"{STREAM_PACKAGE} {incompatibility[3:] if incompatibility.startswith('it ') else incompatibility}"
         return "ok", None
 
 
@@ -1193,6 +1193,10 @@ def use_colour(stream: TextIO, choice: str = "auto") -> bool:
     return bool(isatty and isatty())
 
 
+def _wrap(text: str, first: str, rest: str) -> list:
+    return textwrap.wrap(text, 100, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False)
+
+
 def render_text(report: Report, colour: bool = False) -> str:
     """The short, human-readable report."""
 
@@ -1204,7 +1208,7 @@ def render_text(report: Report, colour: bool = False) -> str:
     lines = [paint(f"qwen-ckpt-compat doctor {__version__}", "bold"), ""]
     versions = ", ".join(f"{k} {v or '-'}" for k, v in report.versions.items())
     lines.append(paint("Environment", "bold"))
-    lines += textwrap.wrap(versions, 100, initial_indent="  ", subsequent_indent="  ")
+    lines += _wrap(versions, "  ", "  ")
     caps = report.capabilities
     if caps is not None:
         names = [
@@ -1215,10 +1219,11 @@ def render_text(report: Report, colour: bool = False) -> str:
             ("activation_checkpointing_api", "activation_checkpointing_enable"),
         ]
         has = ", ".join(label for key, label in names if caps.get(key)) or "none of the newer options"
-        lines.append(f"  transformers has: {has}")
+        lines += _wrap(f"transformers has: {has}", "  ", "    ")
     if report.environment is not None:
         stream = report.environment["stream_generator"]
-        lines.append(f"  {STREAM_PACKAGE}: {stream['status']}" + (f" ({stream['detail']})" if stream["detail"] else ""))
+        detail = f" ({stream['detail']})" if stream["detail"] else ""
+        lines += _wrap(f"{STREAM_PACKAGE}: {stream['status']}{detail}", "  ", "    ")
         if not report.environment["import_hook_enabled"]:
             lines.append(f"  import hook: off ({_NO_IMPORT_HOOK_ENV} is set)")
     model = report.model
@@ -1250,8 +1255,8 @@ def render_text(report: Report, colour: bool = False) -> str:
             tag = paint("fixed ", "green")
         else:
             tag = paint("note  ", "yellow")
-        lines += textwrap.wrap(f"{problem.id}: {problem.summary}", 100, initial_indent=f"  {tag} ", subsequent_indent=" " * 9)
-        lines += textwrap.wrap(problem.fix, 100, initial_indent=paint("         -> ", "dim"), subsequent_indent=" " * 12)
+        lines += _wrap(f"{problem.id}: {problem.summary}", f"  {tag} ", " " * 9)
+        lines += _wrap(problem.fix, paint("         -> ", "dim"), " " * 12)
     lines.append("")
     if report.exit_status == 1:
         lines.append(paint("Something needs your action (see ACTION above).", "bold", "red"))
