@@ -309,6 +309,19 @@ class _Runtime:
             except Exception:  # noqa: BLE001
                 return None
 
+    def config_keeps(self, name: str, value: Any) -> Optional[bool]:
+        """Whether a ``PretrainedConfig`` given ``name=value`` (as from config.json) has the attribute after.
+
+        5.x drops generation parameters (``max_length`` ...) found in config.json instead of loading them.
+        """
+        with _quiet():
+            try:
+                from transformers import PretrainedConfig
+
+                return hasattr(PretrainedConfig(**{name: value}), name)
+            except Exception:  # noqa: BLE001
+                return None
+
     def _attribute(self, module: str, name: str) -> Optional[Any]:
         if self.caps is None:
             return None
@@ -965,7 +978,7 @@ def _check_config_attributes(ctx: _Context) -> None:
     model = ctx.model
     if defaults is None or not model.remote:
         return
-    known = set(model.config) | defaults
+    known = set(defaults)
     if model.config_class is not None:
         for klass in model.remote_mro(model.config_class):
             known |= klass.self_assigned | set(klass.attributes) | set(klass.methods)
@@ -979,14 +992,29 @@ def _check_config_attributes(ctx: _Context) -> None:
             if name in known or name.startswith("__"):
                 continue
             known.add(name)
+            # config.json's keys become attributes, except those this release drops (5.x: generation parameters)
+            kept = ctx.runtime.config_keeps(name, model.config.get(name, 20))
+            if name in model.config and kept is not False:
+                continue
+            where = f"{module.path.name} line {line} reads config.{name}"
+            if kept is False:
+                ctx.add(
+                    "config-attribute-missing",
+                    f"{where}, which transformers {ctx.transformers} does not load from config.json (it drops "
+                    f"{name} as a generation parameter) and neither the configuration class nor PretrainedConfig "
+                    "provides: AttributeError when that code runs",
+                    "Adding it to config.json does not help on this release: use transformers < 5.0, or a revision "
+                    "of the model's code that does not read it.",
+                    needs_action=True,
+                    subject=name,
+                )
+                continue
             ctx.add(
                 "config-attribute-missing",
-                f"{module.path.name} line {line} reads config.{name}, which neither config.json, the configuration "
-                f"class nor transformers {ctx.transformers}'s PretrainedConfig provides: AttributeError when that "
-                "code runs",
-                f'Add "{name}" to config.json with the value the model expects'
-                + (" (transformers 4.x's PretrainedConfig defaulted max_length to 20)" if name == "max_length" else "")
-                + ", or use a transformers release whose PretrainedConfig still has it.",
+                f"{where}, which neither config.json, the configuration class nor transformers "
+                f"{ctx.transformers}'s PretrainedConfig provides: AttributeError when that code runs",
+                f'Add "{name}" to config.json with the value the model expects, or use a transformers release whose '
+                "PretrainedConfig still has it.",
                 needs_action=True,
                 subject=name,
             )
