@@ -167,6 +167,39 @@ def test_family_other_than_qwen(tmp_path, family):
 
 def test_family_facts_are_for_the_families_the_doctor_names():
     assert {fact.family for fact in doctor.FAMILY_FACTS} <= {"internlm", "qwen-vl", "chatglm", "baichuan"}
+    assert {fact.id for fact in doctor.FAMILY_FACTS} <= doctor.PROBLEM_IDS
+
+
+def test_every_problem_id_is_declared_and_documented():
+    """Ids the code can emit are in PROBLEM_IDS (read off the source), and each has a row in docs/doctor.md."""
+    import ast
+
+    def ids_in(node):  # "id", or `"a" if condition else "b"`
+        if isinstance(node, ast.IfExp):
+            return ids_in(node.body) | ids_in(node.orelse)
+        return {node.value} if isinstance(node, ast.Constant) else set()
+
+    emitted = set()
+    for path in Path(doctor.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = {"add": 0, "Problem": 0, "FamilyFact": 1}.get(name)
+            if position is not None and len(node.args) > position:
+                emitted |= ids_in(node.args[position])
+    assert len(emitted) > 20 and emitted <= doctor.PROBLEM_IDS, emitted - doctor.PROBLEM_IDS
+    documented = (ROOT / "docs" / "doctor.md").read_text()
+    assert not [i for i in doctor.PROBLEM_IDS if f"`{i}`" not in documented]
+    with pytest.raises(ValueError, match="unknown problem id"):
+        doctor.Problem("no-such-problem", "summary", "fix")
+
+
+def test_json_example_in_the_docs_follows_the_schema():
+    text = (ROOT / "docs" / "doctor.md").read_text()
+    example = json.loads(text.split("```json\n")[1].split("```")[0])
+    _assert_valid(example)
+    assert example["model"]["decoder_blocks"] == ["QWenBlock"]
 
 
 def test_qwen_vl_is_told_apart_by_its_visual_config(tmp_path):
@@ -322,7 +355,7 @@ def test_problem_fields_agree(qwen_report, tmp_path):
             assert document["fixed_by_library"] is (problem.fixed_by is not None)
             assert "\n" not in problem.summary and problem.fix
     with pytest.raises(ValueError):
-        doctor.Problem("x", "y", "z", fixed_by="magic")
+        doctor.Problem("missing-package", "y", "z", fixed_by="magic")
 
 
 def test_exit_status_follows_needs_action(qwen_report):

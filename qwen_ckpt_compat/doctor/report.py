@@ -11,7 +11,7 @@ from typing import Any, Optional, TextIO
 from .._version import __version__
 from ..loading import _NO_IMPORT_HOOK_ENV, STREAM_PACKAGE
 
-__all__ = ["FIXED_BY", "SCHEMA_PATH", "SCHEMA_VERSION", "DoctorInputError", "Problem", "Report", "render_text", "use_colour"]
+__all__ = ["FIXED_BY", "PROBLEM_IDS", "SCHEMA_PATH", "SCHEMA_VERSION", "DoctorInputError", "Problem", "Report", "render_text", "use_colour"]
 
 SCHEMA_VERSION = 1
 #: The JSON Schema of :meth:`Report.to_json` (documented in docs/doctor.md).
@@ -19,6 +19,43 @@ SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
 
 #: The library calls that can fix a problem; ``None`` in a problem means the library cannot fix it.
 FIXED_BY = ("import", "patch", "prepare_for_lora")
+
+#: Every problem id the doctor can report (docs/doctor.md explains each). Ids are stable: a new kind of problem
+#: gets a new id; an id is never reused for something else.
+PROBLEM_IDS = frozenset(
+    {
+        # the installation
+        "torch-unusable",
+        "transformers-unusable",
+        "peft-unusable",
+        "accelerate-too-old",
+        "peft-too-old-for-transformers",
+        # the model
+        "no-model-type",
+        "unknown-model-type",
+        "checkpointing-not-supported",
+        "old-gc-api-reentrant-only",
+        "old-gc-api-enable-typeerror",
+        "old-gc-api-kwargs-ignored",
+        "lora-no-input-grads",
+        "options-not-honoured",
+        "import-before-loading",
+        "stream-generator-missing",
+        "stream-generator-broken",
+        "chat-stream-unavailable",
+        "missing-package",
+        "removed-transformers-import",
+        "removed-api-called",
+        "config-attribute-missing",
+        "checkpointing-enabled-on-load",
+        "load-raises-enable-typeerror",
+        "import-hook-disabled",
+        # measured family facts (family_facts.py)
+        "internlm-nan-loss",
+        "qwen-vl-vision-not-checkpointed",
+        "qwen-vl-untested-release",
+    }
+)
 
 
 class DoctorInputError(Exception):
@@ -54,6 +91,8 @@ class Problem:
     subject: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.id not in PROBLEM_IDS:
+            raise ValueError(f"unknown problem id {self.id!r}: add it to PROBLEM_IDS and docs/doctor.md")
         if self.fixed_by is not None and self.fixed_by not in FIXED_BY:
             raise ValueError(f"fixed_by must be one of {FIXED_BY} or None, got {self.fixed_by!r}")
 
@@ -144,9 +183,10 @@ def render_text(report: Report, colour: bool = False) -> str:
         return "".join(f"\033[{_COLOURS[s]}m" for s in styles) + text + "\033[0m"
 
     lines = [paint(f"qwen-ckpt-compat doctor {__version__}", "bold"), ""]
-    versions = ", ".join(f"{k} {v or '-'}" for k, v in report.versions.items())
+    # non-breaking spaces keep each "name version" on one line; turned back into spaces below
+    versions = ", ".join(f"{k}\u00a0{v or '-'}" for k, v in report.versions.items())
     lines.append(paint("Environment", "bold"))
-    lines += _wrap(versions, "  ", "  ")
+    lines += [line.replace("\u00a0", " ") for line in _wrap(versions, "  ", "  ")]
     caps = report.capabilities
     if caps is not None:
         names = [
@@ -160,8 +200,10 @@ def render_text(report: Report, colour: bool = False) -> str:
         lines += _wrap(f"transformers has: {has}", "  ", "    ")
     if report.environment is not None:
         stream = report.environment["stream_generator"]
-        detail = f" ({stream['detail']})" if stream["detail"] else ""
-        lines += _wrap(f"{STREAM_PACKAGE}: {stream['status']}{detail}", "  ", "    ")
+        detail = stream["detail"] or ""
+        if detail.startswith(STREAM_PACKAGE + " "):
+            detail = detail[len(STREAM_PACKAGE) + 1 :]
+        lines += _wrap(f"{STREAM_PACKAGE}: {stream['status']}" + (f" ({detail})" if detail else ""), "  ", "    ")
         if not report.environment["import_hook_enabled"]:
             lines.append(f"  import hook: off ({_NO_IMPORT_HOOK_ENV} is set)")
     model = report.model
