@@ -21,7 +21,16 @@ from .checks import run_checks
 from .environment import Runtime, import_hook_enabled, installed_versions, stream_generator_status
 from .family_facts import FAMILY_FACTS, FamilyFact
 from .model import locate, model_facts, model_json, read_model
-from .report import PROBLEM_IDS, SCHEMA_PATH, SCHEMA_VERSION, DoctorInputError, Problem, Report, render_text, use_colour
+from .report import (
+    PROBLEM_IDS,
+    SCHEMA_PATH,
+    SCHEMA_VERSION,
+    DoctorInputError,
+    Problem,
+    Report,
+    render_text,
+    use_colour,
+)
 
 __all__ = [
     "FAMILY_FACTS",

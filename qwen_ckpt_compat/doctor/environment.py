@@ -89,16 +89,7 @@ class Runtime:
             self._probe()
 
     def _probe(self) -> None:
-        torch_error = self._import_error("torch")
-        if torch_error:
-            self.problems.append(
-                Problem(
-                    "torch-unusable",
-                    f"torch cannot be imported: {torch_error}",
-                    "Install a working torch (>= 2.0) for this Python; the library, transformers and peft need it.",
-                    needs_action=True,
-                )
-            )
+        self._require("torch", "Install a working torch (>= 2.0) for this Python; the library, transformers and peft need it.")
         try:
             self.caps = capabilities()
         except Exception as error:  # noqa: BLE001 - transformers broken or missing: report it
@@ -110,18 +101,15 @@ class Runtime:
                     needs_action=True,
                 )
             )
-        peft_error = self._import_error("peft")
-        if peft_error:
-            self.problems.append(
-                Problem(
-                    "peft-unusable",
-                    f"peft cannot be imported: {peft_error}",
-                    "Install a peft released together with (or after) the installed transformers.",
-                    needs_action=True,
-                )
-            )
+        self._require("peft", "Install a peft released together with (or after) the installed transformers.")
         if self.caps is not None:
             self._check_companions()
+
+    def _require(self, package: str, fix: str) -> None:
+        error = self._import_error(package)
+        if error:
+            summary = f"{package} cannot be imported: {error}"
+            self.problems.append(Problem(f"{package}-unusable", summary, fix, needs_action=True, subject=package))
 
     @staticmethod
     def _import_error(name: str) -> Optional[str]:
@@ -282,7 +270,8 @@ def stream_generator_status() -> tuple:
         except Exception as error:  # noqa: BLE001
             return "unknown", one_line(error)
         if incompatibility is not None:
-            return "incompatible", f"{STREAM_PACKAGE} {incompatibility[3:] if incompatibility.startswith('it ') else incompatibility}"
+            # "it imports, but ..." -> "transformers_stream_generator imports, but ..."
+            return "incompatible", f"{STREAM_PACKAGE} {incompatibility.split(' ', 1)[1] if incompatibility.startswith('it ') else incompatibility}"
         return "ok", None
 
 

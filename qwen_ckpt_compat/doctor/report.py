@@ -11,7 +11,17 @@ from typing import Any, Optional, TextIO
 from .._version import __version__
 from ..loading import _NO_IMPORT_HOOK_ENV, STREAM_PACKAGE
 
-__all__ = ["FIXED_BY", "PROBLEM_IDS", "SCHEMA_PATH", "SCHEMA_VERSION", "DoctorInputError", "Problem", "Report", "render_text", "use_colour"]
+__all__ = [
+    "FIXED_BY",
+    "PROBLEM_IDS",
+    "SCHEMA_PATH",
+    "SCHEMA_VERSION",
+    "DoctorInputError",
+    "Problem",
+    "Report",
+    "render_text",
+    "use_colour",
+]
 
 SCHEMA_VERSION = 1
 #: The JSON Schema of :meth:`Report.to_json` (documented in docs/doctor.md).
@@ -208,7 +218,8 @@ def render_text(report: Report, colour: bool = False) -> str:
             lines.append(f"  import hook: off ({_NO_IMPORT_HOOK_ENV} is set)")
     model = report.model
     if model is not None:
-        lines += ["", paint("Model", "bold") + f"  {report.path}" + (" (from the Hub cache)" if report.source == "hub-cache" else "")]
+        where = f"  {report.path}" + (" (from the Hub cache)" if report.source == "hub-cache" else "")
+        lines += ["", paint("Model", "bold") + where]
         kind = "remote code" if model["remote_code"] else "native transformers model"
         family = f", family {model['family']}" if model["family"] != model["model_type"] else ""
         what = f"  {kind}, model_type {model['model_type']}{family}"
@@ -226,7 +237,9 @@ def render_text(report: Report, colour: bool = False) -> str:
         lines.append(f"  decoder blocks: {blocks_text}; supports_gradient_checkpointing: {support}")
     lines.append("")
     action = sum(p.needs_action for p in report.problems)
-    heading = f"Problems: {len(report.problems)}" + (f" ({action} need{'s' if action == 1 else ''} your action)" if action else "")
+    heading = f"Problems: {len(report.problems)}"
+    if action:
+        heading += f" ({action} need{'s' if action == 1 else ''} your action)"
     lines.append(paint(heading if report.problems else "Problems: none found", "bold"))
     for problem in report.problems:
         if problem.needs_action:
