@@ -253,7 +253,6 @@ class Runtime:
         return None if names is None else model_type in names
 
 
-@functools.lru_cache(maxsize=1)
 def stream_generator_status() -> tuple:
     """(status, detail): ``ok``, ``missing``, ``broken`` (does not import) or ``incompatible`` (imports, cannot stream)."""
     with quiet():
