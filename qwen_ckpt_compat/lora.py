@@ -5,7 +5,8 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from dataclasses import replace
+from typing import Any, Optional, Union
 
 from .detection import is_old_checkpointing_api, unwrap_model
 from .errors import CheckpointingNotSupportedError, CompatWarning
@@ -15,6 +16,7 @@ from .patching import (
     enable_routed_checkpointing,
     patch,
     set_checkpointing_defaults,
+    set_fused_attention,
 )
 from .versions import capabilities
 
@@ -28,6 +30,9 @@ def prepare_for_lora(
     gradient_checkpointing_kwargs: Optional[Mapping[str, Any]] = None,
     every_n_layers: int = 1,
     offload: bool = False,
+    memory_budget: Union[int, str, None] = None,
+    selective: bool = False,
+    fused_attention: bool = False,
 ) -> Any:
     """Gets a model ready for LoRA training with gradient checkpointing, on any transformers release.
 
@@ -58,6 +63,19 @@ def prepare_for_lora(
         offload (`bool`, *optional*, defaults to `False`):
             Keep the block inputs saved for the recompute in (pinned) host memory instead of on the accelerator.
             Same support as ``every_n_layers``.
+        memory_budget (`int` or `str`, *optional*):
+            A peak-memory budget on the accelerator, in bytes or as a string (``"70GiB"``, ``"80GB"``). Which
+            decoder blocks are checkpointed (and whether their inputs are offloaded) is then planned from the first
+            training step of each batch shape, to fit the budget with the least recompute; ``memory_plan(model)``
+            shows the plan (see docs/performance.md). Old remote-code models only; not with ``every_n_layers`` or
+            ``offload``, which the plan decides.
+        selective (`bool`, *optional*, defaults to `False`):
+            Selective recompute: checkpointed blocks keep their attention outputs (torch's selective activation
+            checkpointing, torch >= 2.4, non-reentrant checkpoint only) and recompute everything else.
+        fused_attention (`bool`, *optional*, defaults to `False`):
+            Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
+            padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
+            ``qwen_ckpt_compat.attention``.
 
     Returns:
         The same ``model``.
@@ -66,6 +84,7 @@ def prepare_for_lora(
         `UnsupportedModelError` (a `TypeError`): ``model`` is not a transformers model or a peft model around one.
         `TypeError` / `ValueError`: an option has the wrong type or value.
         `CheckpointingNotSupportedError` (a `ValueError`): checkpointing was asked of a model that cannot do it.
+        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.4.
 
     Example:
 
@@ -81,6 +100,7 @@ def prepare_for_lora(
     """
     root = unwrap_model(model)
     request = _validated_request(gradient_checkpointing_kwargs, every_n_layers, offload)
+    request = _with_speed_options(root, request, memory_budget, selective, fused_attention)
     if use_gradient_checkpointing and not getattr(root, "supports_gradient_checkpointing", False):
         raise CheckpointingNotSupportedError(
             f"{type(root).__qualname__} (from {type(root).__module__}) does not support gradient checkpointing "
@@ -90,10 +110,11 @@ def prepare_for_lora(
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
+        _set_fused_attention(root, fused_attention)
         if use_gradient_checkpointing:
             enable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
-        _call_enable(root, request)
+        _call_enable(root, _native_request(root, request, fused_attention))
         if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
     config = getattr(root, "config", None)
@@ -115,6 +136,62 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
         every_n_layers=every_n_layers,
         offload=offload,
     )
+
+
+def _with_speed_options(
+    root: Any, request: CheckpointRequest, memory_budget: Union[int, str, None], selective: bool, fused_attention: bool
+) -> CheckpointRequest:
+    """Validates ``memory_budget``, ``selective`` and ``fused_attention``; adds the first two to ``request``."""
+    from .budget import check_budget, parse_memory_budget
+    from .selective import require_selective_checkpointing
+
+    for name, value in (("selective", selective), ("fused_attention", fused_attention)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r:.60}")
+    budget = None
+    if memory_budget is not None:
+        budget = parse_memory_budget(memory_budget)
+        if request.every_n_layers != 1 or request.offload:
+            raise ValueError(
+                "memory_budget plans which blocks to checkpoint and whether to offload; leave every_n_layers and "
+                f"offload at their defaults (got every_n_layers={request.every_n_layers}, offload={request.offload})"
+            )
+        check_budget(root, budget)
+    if selective:
+        if request.kwargs and request.kwargs.get("use_reentrant"):
+            raise ValueError(
+                "selective recompute works with the non-reentrant checkpoint only; drop use_reentrant=True from "
+                "gradient_checkpointing_kwargs"
+            )
+        require_selective_checkpointing()
+    return replace(request, memory_budget=budget, selective=selective or None)
+
+
+def _set_fused_attention(root: Any, enabled: bool) -> None:
+    if set_fused_attention(root, enabled) == 0 and enabled:
+        warnings.warn(
+            f"fused_attention=True: {type(root).__qualname__} has no attention module of a kind this library knows "
+            "(Qwen v1's QWenAttention); its attention runs unchanged.",
+            CompatWarning,
+            stacklevel=3,
+        )
+
+
+def _native_request(root: Any, request: CheckpointRequest, fused_attention: bool) -> CheckpointRequest:
+    """The request for a native model: selective recompute goes in as ``context_fn``; the rest is not ours to do."""
+    ignored = [name for name, value in (("memory_budget", request.memory_budget), ("fused_attention", fused_attention)) if value]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: only for old remote-code models; {type(root).__qualname__} uses transformers' own "
+            "checkpointing and attention, unchanged.",
+            CompatWarning,
+            stacklevel=3,
+        )
+    if request.selective:
+        from .selective import selective_context_fn
+
+        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": selective_context_fn()})
+    return request
 
 
 def _call_enable(root: Any, request: CheckpointRequest) -> None:
