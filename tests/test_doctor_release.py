@@ -9,6 +9,7 @@ reported must not. Run on every matrix row.
 from __future__ import annotations
 
 import importlib
+import re
 import warnings
 
 import pytest
@@ -241,18 +242,68 @@ def test_config_attribute_missing_is_what_pretrained_config_lacks(fresh):
                 load_tiny_qwen(path)
 
 
-def test_options_not_honoured_is_what_prepare_for_lora_warns(tmp_path, native_llama):
-    problem = diagnose(str(write_native(tmp_path / "llama"))).problem("options-not-honoured")
+# How each option shows up in prepare_for_lora's CompatWarnings when it cannot be honoured (whole words:
+# torch's op `_scaled_dot_product_fused_attention_overrideable` is not `fused_attention`).
+_WARNED_AS = {
+    "gradient_checkpointing_kwargs": r"gradient_checkpointing_kwargs=|\{'use_reentrant': False",
+    "every_n_layers": r"\bevery_n_layers=",
+    "offload": r"\boffload=",
+    "memory_budget": r"\bmemory_budget\b",
+    "fused_attention": r"\bfused_attention\b",
+    "selective": r"\bcontext_fn\b",  # selective recompute travels in the checkpoint kwargs
+}
+
+
+def _compat_warnings(model, **options) -> str:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepare_for_lora(native_llama, every_n_layers=2, offload=True)
-    messages = [str(w.message) for w in caught if issubclass(w.category, CompatWarning)]
-    if problem is None:
-        assert not messages
-    else:
-        assert len(messages) == 1 and not problem.needs_action
-        for option in ("gradient_checkpointing_kwargs", "every_n_layers", "offload"):
-            assert (option in problem.subject) is (f"{option}=" in messages[0])
+        prepare_for_lora(model, **options)
+    return "\n".join(str(w.message) for w in caught if issubclass(w.category, CompatWarning))
+
+
+def _options_warned(make_model) -> set:
+    """The options prepare_for_lora warns about, asked for all (memory_budget apart: it excludes two others)."""
+    text = _compat_warnings(make_model(), every_n_layers=2, offload=True, selective=True, fused_attention=True)
+    text += "\n" + _compat_warnings(make_model(), memory_budget="1GiB")
+    return {option for option, marker in _WARNED_AS.items() if re.search(marker, text)}
+
+
+def _not_honoured(report) -> set:
+    problem = report.problem("options-not-honoured")
+    return set(problem.subject.split(", ")) if problem else set()
+
+
+def test_options_not_honoured_is_what_prepare_for_lora_warns_native(tmp_path):
+    from conftest import _native
+
+    report = diagnose(str(write_native(tmp_path / "llama")))
+    assert _not_honoured(report) == _options_warned(lambda: _native("llama"))
+    assert {"memory_budget", "fused_attention"} <= _not_honoured(report)  # old remote code only, everywhere
+
+
+def test_options_not_honoured_is_what_prepare_for_lora_warns_remote(report, fresh):
+    models = []
+
+    def make():
+        models.append(load_tiny_qwen(fresh()).float().train())
+        return models[-1]
+
+    try:
+        assert _not_honoured(report) == _options_warned(make) == set()  # the tiny model: every option honoured
+        path = fresh()
+        modeling = path / "modeling_qwen.py"
+        modeling.write_text(modeling.read_text().replace('    _no_split_modules = ["QWenBlock"]\n', ""))
+        without_blocks = diagnose(str(path))
+        assert without_blocks.model["decoder_blocks"] == []
+
+        def make_without_blocks():
+            models.append(load_tiny_qwen(path).float().train())
+            return models[-1]
+
+        assert _not_honoured(without_blocks) == _options_warned(make_without_blocks) == set(_WARNED_AS) - {"fused_attention"}
+    finally:
+        for model in models:
+            unpatch(model)
 
 
 def test_companion_problems_are_transformers_own_judgement(report, native_llama):

@@ -144,38 +144,60 @@ def _check_checkpointing_api(ctx: _Context) -> None:
             )
 
 
-def _check_options(ctx: _Context) -> None:
-    facts, caps = ctx.facts, ctx.caps
-    if caps is None or facts.supports_gradient_checkpointing is False:
-        return
+_NO_BLOCKS = ("gradient_checkpointing_kwargs", "every_n_layers", "offload", "memory_budget", "selective")
+
+
+def _options_not_honoured(ctx: _Context) -> tuple:
+    """(options of prepare_for_lora it cannot honour for this model here, why), from what the library does."""
+    facts, caps, model = ctx.facts, ctx.caps, ctx.model
+    names: list = []
+    reasons: list = []
     if facts.old_api:
         if facts.decoder_blocks == []:
-            ctx.add(
-                "options-not-honoured",
-                "the model names no decoder blocks in _no_split_modules, so even with qwen-ckpt-compat its remote "
-                "code checkpoints itself, reentrantly and every layer: use_reentrant=False, every_n_layers and "
-                "offload cannot be honoured",
-                "Nothing to do unless you need those options; prepare_for_lora warns (CompatWarning) when asked.",
-                subject="gradient_checkpointing_kwargs, every_n_layers, offload",
+            names += _NO_BLOCKS
+            reasons.append(
+                "the model names no decoder blocks in _no_split_modules, so its remote code checkpoints itself, "
+                "reentrantly and every layer"
             )
+        known = ctx.runtime.attention_class_names
+        classes = {name for module in model.model_modules for name in module.classes}
+        if known is not None and not classes & set(known):
+            names.append("fused_attention")
+            reasons.append(f"fused_attention knows {', '.join(known)} only")
+    else:
+        lacking = [
+            name
+            for name, present in (
+                ("gradient_checkpointing_kwargs", caps.checkpointing_kwargs),
+                ("every_n_layers", caps.every_n_layers),
+                ("offload", caps.offload),
+            )
+            if not present
+        ]
+        if lacking:
+            reasons.append(f"transformers {ctx.transformers}'s enable method does not take {', '.join(lacking)}")
+        if not caps.checkpointing_kwargs:
+            lacking.append("selective")
+            reasons.append("selective recompute travels in those kwargs")
+        names += lacking + ["memory_budget", "fused_attention"]
+        reasons.append("memory_budget and fused_attention are for old remote-code models only")
+    if "selective" not in names and ctx.runtime.selective_available is False:
+        names.append("selective")
+        reasons.append(f"selective recompute needs torch >= 2.4 (installed: {ctx.runtime.versions.get('torch')})")
+    return names, reasons
+
+
+def _check_options(ctx: _Context) -> None:
+    if ctx.caps is None or ctx.facts.supports_gradient_checkpointing is False:
         return
-    missing = [
-        name
-        for name, present in (
-            ("gradient_checkpointing_kwargs", caps.checkpointing_kwargs),
-            ("every_n_layers", caps.every_n_layers),
-            ("offload", caps.offload),
-        )
-        if not present
-    ]
-    if missing:
+    names, reasons = _options_not_honoured(ctx)
+    if names:
         ctx.add(
             "options-not-honoured",
-            f"transformers {ctx.transformers}'s enable method does not take {', '.join(missing)}: for this model "
-            "(transformers' own checkpointing) they cannot be honoured",
-            "prepare_for_lora warns (CompatWarning) and uses transformers' behaviour; transformers >= 5.17 takes "
-            "all three.",
-            subject=", ".join(missing),
+            f"prepare_for_lora cannot honour {', '.join(names)} for this model here: {'; '.join(reasons)}",
+            "Nothing to do unless you need them: prepare_for_lora warns (CompatWarning) when asked and does "
+            "without them. transformers >= 5.17 takes every_n_layers and offload for native models.",
+            subject=", ".join(names),
         )
 
 

@@ -161,6 +161,28 @@ class Runtime:
         return self._attribute("transformers", "PreTrainedModel")
 
     @functools.cached_property
+    def selective_available(self) -> Optional[bool]:
+        """Whether torch has selective activation checkpointing (``selective=True``); ``None``: cannot tell."""
+        with quiet():
+            try:
+                from ..selective import selective_checkpointing_available
+
+                return selective_checkpointing_available()
+            except Exception:  # noqa: BLE001
+                return None
+
+    @functools.cached_property
+    def attention_class_names(self) -> Optional[tuple]:
+        """The attention classes ``fused_attention=True`` knows (Qwen v1's); ``None``: cannot tell."""
+        with quiet():
+            try:
+                from ..attention import ATTENTION_CLASS_NAMES
+
+                return tuple(ATTENTION_CLASS_NAMES)
+            except Exception:  # noqa: BLE001
+                return None
+
+    @functools.cached_property
     def generation_mixin(self) -> Optional[type]:
         return self._attribute("transformers.generation", "GenerationMixin")
 
