@@ -15,7 +15,7 @@ import platform
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from packaging.version import Version
 
@@ -63,6 +63,20 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
+
+
+def _guarded(question: Callable[[], Any]) -> Any:
+    """The answer to ``question``, or ``None`` when asking raises (a broken package is reported elsewhere)."""
+    with quiet():
+        try:
+            return question()
+        except Exception:  # noqa: BLE001
+            return None
+
+
+def _library(module: str) -> Any:
+    """A module of this library that imports torch (``selective``, ``attention``): imported only when asked."""
+    return importlib.import_module(f"qwen_ckpt_compat.{module}")
 
 
 def installed_versions() -> dict:
@@ -163,24 +177,12 @@ class Runtime:
     @functools.cached_property
     def selective_available(self) -> Optional[bool]:
         """Whether torch has selective activation checkpointing (``selective=True``); ``None``: cannot tell."""
-        with quiet():
-            try:
-                from ..selective import selective_checkpointing_available
-
-                return selective_checkpointing_available()
-            except Exception:  # noqa: BLE001
-                return None
+        return _guarded(lambda: _library("selective").selective_checkpointing_available())
 
     @functools.cached_property
     def attention_class_names(self) -> Optional[tuple]:
         """The attention classes ``fused_attention=True`` knows (Qwen v1's); ``None``: cannot tell."""
-        with quiet():
-            try:
-                from ..attention import ATTENTION_CLASS_NAMES
-
-                return tuple(ATTENTION_CLASS_NAMES)
-            except Exception:  # noqa: BLE001
-                return None
+        return _guarded(lambda: tuple(_library("attention").ATTENTION_CLASS_NAMES))
 
     @functools.cached_property
     def generation_mixin(self) -> Optional[type]:
@@ -189,26 +191,14 @@ class Runtime:
     @functools.cached_property
     def config_attributes(self) -> Optional[frozenset]:
         """What every config has on this release: attributes of a default ``PretrainedConfig``."""
-        with quiet():
-            try:
-                from transformers import PretrainedConfig
-
-                return frozenset(dir(PretrainedConfig()))
-            except Exception:  # noqa: BLE001
-                return None
+        return _guarded(lambda: frozenset(dir(importlib.import_module("transformers").PretrainedConfig())))
 
     def config_keeps(self, name: str, value: Any) -> Optional[bool]:
         """Whether a ``PretrainedConfig`` given ``name=value`` (as from config.json) has the attribute after.
 
         5.x drops generation parameters (``max_length`` ...) found in config.json instead of loading them.
         """
-        with quiet():
-            try:
-                from transformers import PretrainedConfig
-
-                return hasattr(PretrainedConfig(**{name: value}), name)
-            except Exception:  # noqa: BLE001
-                return None
+        return _guarded(lambda: hasattr(importlib.import_module("transformers").PretrainedConfig(**{name: value}), name))
 
     def _attribute(self, module: str, name: str) -> Optional[Any]:
         if self.caps is None:
