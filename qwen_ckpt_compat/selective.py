@@ -17,6 +17,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 
 from .errors import UnsupportedTorchError
 
