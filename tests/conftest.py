@@ -23,6 +23,17 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _record_python_and_torch(record_testsuite_property):
+    """The Python and torch this run used, as JUnit properties: docs/compatibility.md shows them per row."""
+    import platform
+
+    import torch
+
+    record_testsuite_property("python", platform.python_version())
+    record_testsuite_property("torch", torch.__version__)
+
+
 # Test files about Qwen v1 alone; the family tests say their family through a parameter or their name.
 _QWEN_FILES = (
     "test_checkpointing", "test_lora", "test_patch", "test_trainer", "test_newer_transformers", "test_fixture_faithful",
