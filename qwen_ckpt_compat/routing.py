@@ -7,8 +7,9 @@ the way transformers' native ``GradientCheckpointingLayer`` does:
 
 * a block runs ``_gradient_checkpointing_func(partial(block.__call__, **kwargs), *args)`` when its
   ``gradient_checkpointing`` flag is set, it is training and grad mode is on;
-* the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on and it is
-  training, the duty its forward performs when checkpointing itself.
+* the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on, it is
+  training and grad mode is on, the duty its forward performs when checkpointing itself (without grad
+  nothing is checkpointed, so generation in training mode keeps its KV cache).
 
 The ``__call__`` wrappers are installed once per class by :mod:`qwen_ckpt_compat.patching`; the per-instance
 state lives in the module attributes named below (``FLAG`` and ``FUNC`` have the same names and meaning as on
@@ -115,8 +116,12 @@ def _use_cache_position(forward: Callable) -> Optional[int]:
 
 
 def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed."""
-    if not (instance.__dict__.get(OWNER_FLAG) and instance.training):
+    """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed.
+
+    Without grad (``generate``, ``model.chat()``, evaluation under ``torch.no_grad()``) no block checkpoints,
+    so the cache is kept even in training mode: otherwise every new token would recompute the whole prefix.
+    """
+    if not (instance.__dict__.get(OWNER_FLAG) and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
     position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
