@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
-from typing import Any, Optional
+from dataclasses import replace
+from typing import Any, Callable, Optional, Union
 
 from .detection import is_old_checkpointing_api, unwrap_model
 from .errors import CheckpointingNotSupportedError, CompatWarning
 from .patching import (
     DEFAULT_CHECKPOINT_KWARGS,
     CheckpointRequest,
+    checkpoint_settings,
+    checkpointing_defaults,
     enable_routed_checkpointing,
+    is_patched,
     patch,
     set_checkpointing_defaults,
 )
+from .routing import reentrancy_of
 from .versions import capabilities
 
 __all__ = ["prepare_for_lora"]
@@ -48,9 +54,12 @@ def prepare_for_lora(
         use_gradient_checkpointing (`bool`, *optional*, defaults to `True`):
             Enable gradient checkpointing now. With `False` the model is only patched and given its defaults,
             so that a later ``gradient_checkpointing_enable()`` or ``Trainer(gradient_checkpointing=True)`` works.
-        gradient_checkpointing_kwargs (`dict`, *optional*, defaults to `{"use_reentrant": False}`):
+        gradient_checkpointing_kwargs (`dict`, *optional*):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
-            non-reentrant variant is used.
+            non-reentrant variant is used. Not given: no preference. The checkpointing already in effect on the
+            model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
+            earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
+            `{"use_reentrant": False}`.
         every_n_layers (`int`, *optional*, defaults to 1):
             Checkpoint decoder blocks ``0, n, 2n, ...`` only and keep the activations of the others: less
             recomputation for more memory. Honoured for old remote-code models on every release, and for
@@ -87,14 +96,26 @@ def prepare_for_lora(
             "(its `supports_gradient_checkpointing` is False); pass use_gradient_checkpointing=False to prepare "
             "it without checkpointing."
         )
+    kept = None  # a checkpoint function in effect whose kwargs cannot be read (a framework's own): kept as is
+    if request.kwargs is None:
+        in_effect = _checkpointing_in_effect(root)
+        kept = None if isinstance(in_effect, dict) else in_effect
+        kwargs = in_effect if isinstance(in_effect, dict) else dict(DEFAULT_CHECKPOINT_KWARGS)
+        request = replace(request, kwargs=kwargs)
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
         if use_gradient_checkpointing:
-            enable_routed_checkpointing(root)
+            enable_routed_checkpointing(root, function=kept)
+            if kept is not None and offload:
+                _warn_kept(root, kept, "offload=True")
     elif use_gradient_checkpointing:
-        _call_enable(root, request)
-        if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
+        if kept is None:
+            _call_enable(root, request)
+        elif every_n_layers != 1 or offload:
+            _warn_kept(root, kept, f"every_n_layers={every_n_layers}, offload={offload}")
+        reentrant = _native_is_reentrant(request) if kept is None else reentrancy_of(kept) is not False
+        if reentrant and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
     config = getattr(root, "config", None)
     if config is not None and getattr(config, "use_cache", False):
@@ -110,8 +131,9 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
     # A dict without `use_reentrant` expresses no preference on the mode: the non-reentrant default applies.
+    # No dict at all is no preference whatsoever: resolved against the model by prepare_for_lora.
     return CheckpointRequest(
-        kwargs={**DEFAULT_CHECKPOINT_KWARGS, **(kwargs or {})},
+        kwargs=None if kwargs is None else {**DEFAULT_CHECKPOINT_KWARGS, **kwargs},
         every_n_layers=every_n_layers,
         offload=offload,
     )
@@ -150,3 +172,45 @@ def _native_is_reentrant(request: CheckpointRequest) -> bool:
     if capabilities().checkpointing_kwargs:
         return bool(request.kwargs and request.kwargs["use_reentrant"])
     return True  # no kwargs on this release: torch's default, which is reentrant
+
+
+def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
+    """What ``root`` checkpoints with now, for a ``prepare_for_lora`` call that expresses no preference.
+
+    Returns the kwargs for ``torch.utils.checkpoint.checkpoint``, or the checkpoint function itself when its
+    kwargs cannot be read (a framework's own wrapper); ``None`` when nothing is in effect. Checkpointing that
+    is on comes first, then the defaults an earlier ``prepare_for_lora`` stored.
+    """
+    flagged = [module for module in root.modules() if module.__dict__.get("gradient_checkpointing")]
+    if is_old_checkpointing_api(root):
+        if flagged and not is_patched(root):
+            # Enabled the old way before the patch (a framework's helper, transformers' fallback): the remote
+            # code's own checkpoint call, which passes no kwargs, so torch's default, reentrant, is in effect.
+            return {"use_reentrant": True}
+        settings = checkpoint_settings(root) if flagged else None
+        if settings is not None:
+            return dict(settings.kwargs) if settings.kwargs is not None else settings.function
+        defaults = checkpointing_defaults(root)
+        return dict(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
+    functions = (m.__dict__["_gradient_checkpointing_func"] for m in flagged if "_gradient_checkpointing_func" in m.__dict__)
+    function = next(functions, None)
+    if function is None:
+        return None  # off, or transformers <= 4.34, which stores no function (and takes no kwargs)
+    if _is_torch_checkpoint(getattr(function, "func", None)) and isinstance(function, functools.partial):
+        # What transformers builds: partial(checkpoint, **kwargs); torch's default mode is reentrant.
+        return {"use_reentrant": True, **function.keywords}
+    return function
+
+
+def _is_torch_checkpoint(function: Any) -> bool:
+    return getattr(function, "__module__", None) == "torch.utils.checkpoint" and getattr(function, "__name__", None) == "checkpoint"
+
+
+def _warn_kept(root: Any, function: Callable, options: str) -> None:
+    warnings.warn(
+        f"{type(root).__qualname__} already checkpoints through {getattr(function, '__qualname__', repr(function))}, "
+        f"set up before (by a framework's own helper?); without gradient_checkpointing_kwargs it is kept as it is, "
+        f"so {options} cannot be applied. Pass gradient_checkpointing_kwargs to replace it.",
+        CompatWarning,
+        stacklevel=3,
+    )

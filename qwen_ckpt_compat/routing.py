@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -141,14 +142,21 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
 # ------------------------------------------------------------------------------------------ per model
 
 
-def _make_inputs_require_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+def _make_inputs_require_grad(
+    model_ref: weakref.ref, module: torch.nn.Module, inputs: Any, output: torch.Tensor
+) -> None:
+    model = model_ref()
+    if model is not None and getattr(model, "_require_grads_hook", None) is not None:
+        # Added since ours (peft, or a tutorial's own `enable_input_require_grads()`): one hook is enough.
+        _set_input_grads(model, False)
     output.requires_grad_(True)
 
 
 def _set_input_grads(model: Any, wanted: bool) -> None:
     """Adds (once) or removes this library's input-embedding hook.
 
-    A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then.
+    A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then, or at
+    its next run when theirs came later.
     """
     theirs = getattr(model, "_require_grads_hook", None) is not None
     handle = model.__dict__.get(INPUT_GRADS_HOOK)
@@ -160,7 +168,8 @@ def _set_input_grads(model: Any, wanted: bool) -> None:
     if handle is not None:
         return
     embeddings = model.get_input_embeddings()
-    model.__dict__[INPUT_GRADS_HOOK] = embeddings.register_forward_hook(_make_inputs_require_grad)
+    hook = functools.partial(_make_inputs_require_grad, weakref.ref(model))
+    model.__dict__[INPUT_GRADS_HOOK] = embeddings.register_forward_hook(hook)
 
 
 def route(

@@ -29,7 +29,17 @@ from typing import TYPE_CHECKING, Any, Dict, Tuple, Union
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["REMOTE_CODE_DIR", "REMOTE_CODE_FILES", "TARGET_MODULES", "load_tiny_qwen", "write_tiny_qwen"]
+from .watch import CheckpointWatch, watch_checkpointing
+
+__all__ = [
+    "REMOTE_CODE_DIR",
+    "REMOTE_CODE_FILES",
+    "TARGET_MODULES",
+    "CheckpointWatch",
+    "load_tiny_qwen",
+    "watch_checkpointing",
+    "write_tiny_qwen",
+]
 
 TARGET_MODULES: Tuple[str, ...] = ("c_attn", "c_proj", "w1", "w2")
 """The LoRA target modules Qwen v1 users pass to peft (``c_proj`` matches both attention and MLP)."""
