@@ -32,7 +32,7 @@ from qwen_ckpt_compat.testing import watch_checkpointing, write_tiny_qwen
 
 IGNORE_INDEX = -100  # labels the loss skips
 SYSTEM = "You are a helpful assistant."
-# port: 5.0 removed `--warmup_ratio`; there `--warmup_steps` takes a ratio (a float below 1) instead.
+# port: `--warmup_ratio` is gone from 5.2 on (deprecated in 5.0); `--warmup_steps` takes a ratio below 1 instead.
 HAS_WARMUP_RATIO = "warmup_ratio" in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}
 # When run without arguments: the tiny model, the built-in conversations, settings scaled to both.
 TINY_RUN = [
@@ -69,7 +69,8 @@ class DataArguments:
 class TrainingArguments(transformers.TrainingArguments):
     model_max_length: int = field(default=512, metadata={"help": "sequences are right-padded or cut to this"})
     use_lora: bool = False
-    warmup_ratio: float = 0.0  # port: accepted on every release (see HAS_WARMUP_RATIO)
+    if not HAS_WARMUP_RATIO:  # port: accept `--warmup_ratio` where transformers no longer does
+        warmup_ratio: float = 0.0
 
     def __post_init__(self):
         if not HAS_WARMUP_RATIO and self.warmup_ratio:
