@@ -7,11 +7,13 @@ the old ``_set_gradient_checkpointing(self, module, value=False)`` form depends 
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from .engines import own_class, unwrap_engines
 from .errors import UnsupportedModelError
 
 __all__ = [
@@ -19,6 +21,7 @@ __all__ = [
     "describe",
     "find_checkpointing_class",
     "is_old_checkpointing_api",
+    "is_decoder_block",
     "is_remote_code",
     "unwrap_model",
 ]
@@ -34,24 +37,35 @@ def _is_pretrained_model(obj: Any) -> bool:
 
 
 def _is_peft_model(obj: Any) -> bool:
-    # Duck-typed so that peft is never imported just to ask.
-    return type(obj).__module__.split(".")[0] == "peft" and callable(getattr(obj, "get_base_model", None))
+    # Asked of peft's own class, and only when peft is imported: an object cannot be a PeftModel otherwise.
+    # (FSDP2 swaps a sharded PeftModel's class for `FSDPPeftModel`, a subclass, so isinstance still holds.)
+    peft_model = getattr(sys.modules.get("peft"), "PeftModel", None)
+    return peft_model is not None and isinstance(obj, peft_model)
 
 
 def unwrap_model(model: Any) -> Any:
     """Returns the transformers ``PreTrainedModel`` inside ``model``.
 
     Args:
-        model (`PreTrainedModel` or `peft.PeftModel`): a transformers model, or a peft model around one.
+        model (`PreTrainedModel`, `peft.PeftModel` or an engine's wrapper):
+            a transformers model, a peft model around one, or either as a training engine hands it back:
+            ``DistributedDataParallel``, ``DataParallel``, FSDP1's ``FullyShardedDataParallel``, a model
+            sharded with FSDP2's ``fully_shard``, a DeepSpeed engine, a ``torch.compile``d module, or what
+            accelerate's ``prepare`` returns (one of those).
 
     Raises:
         `UnsupportedModelError` (a `TypeError`): for anything else, naming what was passed.
     """
-    inner = model.get_base_model() if _is_peft_model(model) else model
+    inner = unwrap_engines(model)
+    if _is_peft_model(inner):
+        inner = unwrap_engines(inner.get_base_model())
     if not _is_pretrained_model(inner):
         what = "None" if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
+        if inner is not model:
+            what += f" around {type(inner).__module__}.{type(inner).__qualname__}"
         raise UnsupportedModelError(
-            f"qwen-ckpt-compat expects a transformers PreTrainedModel or a peft PeftModel around one, got {what}"
+            "qwen-ckpt-compat expects a transformers PreTrainedModel or a peft PeftModel around one (bare or in "
+            f"a DDP, FSDP, DeepSpeed or compiled wrapper), got {what}"
             + (f" ({model!r:.60})" if isinstance(model, (str, bytes, int, float)) else "")
         )
     return inner
@@ -59,8 +73,7 @@ def unwrap_model(model: Any) -> Any:
 
 def is_remote_code(model_or_class: Any) -> bool:
     """Whether the class was loaded from a model repository with ``trust_remote_code=True``."""
-    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
-    return cls.__module__.startswith(REMOTE_MODULE_PREFIX)
+    return own_class(model_or_class).__module__.startswith(REMOTE_MODULE_PREFIX)
 
 
 def _original(function: Callable) -> Callable:
@@ -98,6 +111,11 @@ def decoder_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
     """Class names of the decoder blocks: the classes named in ``_no_split_modules``."""
     names = getattr(model, "_no_split_modules", None) or ()
     return tuple(dict.fromkeys(str(name) for name in names))
+
+
+def is_decoder_block(module: "torch.nn.Module", names: "set[str] | frozenset[str] | tuple[str, ...]") -> bool:
+    """Whether ``module``'s own class is one of the decoder-block class ``names`` (also once FSDP2 renamed it)."""
+    return own_class(module).__name__ in names
 
 
 def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["torch.nn.Module"]:
@@ -151,7 +169,7 @@ class ModelInfo:
 def describe(model: Any) -> ModelInfo:
     """Describes ``model`` (a ``PreTrainedModel`` or a peft model around one); see :class:`ModelInfo`."""
     inner = unwrap_model(model)
-    cls = type(inner)
+    cls = own_class(inner)
     checkpointing_class = find_checkpointing_class(cls)
     blocks = decoder_block_names(inner)
     return ModelInfo(
@@ -159,10 +177,10 @@ def describe(model: Any) -> ModelInfo:
         module=cls.__module__,
         family=getattr(getattr(inner, "config", None), "model_type", None),
         is_remote_code=is_remote_code(cls),
-        is_peft_model=inner is not model,
+        is_peft_model=_is_peft_model(unwrap_engines(model)),
         old_checkpointing_api=checkpointing_class is not None,
         checkpointing_class=checkpointing_class.__qualname__ if checkpointing_class else None,
         decoder_blocks=blocks,
-        num_decoder_blocks=sum(type(m).__name__ in blocks for m in inner.modules()),
+        num_decoder_blocks=sum(is_decoder_block(m, blocks) for m in inner.modules()),
         supports_gradient_checkpointing=bool(getattr(inner, "supports_gradient_checkpointing", False)),
     )

@@ -28,7 +28,14 @@ import torch
 import wrapt
 
 from . import routing
-from .detection import checkpointing_owners, decoder_block_names, find_checkpointing_class, unwrap_model
+from .detection import (
+    checkpointing_owners,
+    decoder_block_names,
+    find_checkpointing_class,
+    is_decoder_block,
+    unwrap_model,
+)
+from .engines import own_class
 from .errors import CompatWarning
 from .removed_apis import restore_auto_class, restore_removed_apis
 
@@ -180,13 +187,15 @@ def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
     blocks = []
     for owner in owners:
         for module in owner.modules():
-            if type(module).__name__ in names and id(module) not in seen:
+            if is_decoder_block(module, names) and id(module) not in seen:
                 seen.add(id(module))
                 blocks.append(module)
+    # On the classes the model's code defined, also where an engine swapped in subclasses (FSDP2).
     for owner in owners:
-        state.wrap(type(owner), "__call__", routing.owner_call)
+        state.wrap(own_class(owner), "__call__", routing.owner_call)
     for block in blocks:
-        state.wrap(type(block), "__call__", routing.checkpointed_block_call)
+        state.wrap(own_class(block), "__call__", routing.checkpointed_block_call)
+        state.wrap(own_class(block), "forward", routing.checkpointed_block_forward)
     return owners, blocks
 
 

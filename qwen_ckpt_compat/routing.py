@@ -9,7 +9,11 @@ the way transformers' native ``GradientCheckpointingLayer`` does:
   ``gradient_checkpointing`` flag is set, it is training and grad mode is on;
 * the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on, it is
   training and grad mode is on, the duty its forward performs when checkpointing itself (without grad
-  nothing is checkpointed, so generation in training mode keeps its KV cache).
+  nothing is checkpointed, so generation in training mode keeps its KV cache);
+* a block whose engine prepares its inputs in forward pre-hooks (FSDP2 casts them to the mixed-precision
+  dtype) checkpoints its ``forward`` instead, inside those hooks, so that the recompute sees the same inputs;
+* a block that an engine's own activation checkpointing already wraps (FSDP's ``activation_checkpointing``)
+  is left to it, with a warning: no block is checkpointed twice.
 
 The ``__call__`` wrappers are installed once per class by :mod:`qwen_ckpt_compat.patching`; the per-instance
 state lives in the module attributes named below (``FLAG`` and ``FUNC`` have the same names and meaning as on
@@ -21,11 +25,15 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+
+from . import engines
+from .errors import CompatWarning
 
 __all__ = ["CheckpointSettings", "build_checkpoint_function", "route", "unroute", "clear"]
 
@@ -37,6 +45,9 @@ OWNER_FLAG = "_qcc_routes_checkpointing"
 INPUT_GRADS_HOOK = "_qcc_input_grads_hook"
 _WARNED_CACHE = "_qcc_warned_use_cache"
 _SAVED = "_qcc_saved_attributes"  # what a block had under FLAG/FUNC before it was first routed
+_CHECKPOINT_FORWARD = "_qcc_checkpoint_forward"  # set by __call__ for the forward inside an engine's hooks
+_ENGINE_CHECKPOINTS = "_qcc_engine_checkpoints"  # an engine's own activation checkpointing wraps this block
+_WARNED_ENGINE = "_qcc_warned_engine_checkpoints"
 
 
 @dataclass(frozen=True)
@@ -100,11 +111,25 @@ def reentrancy_of(function: Callable[..., Any]) -> Optional[bool]:
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
     state = instance.__dict__
-    if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()):
+    if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()) or state.get(_ENGINE_CHECKPOINTS):
         return wrapped(*args, **kwargs)
+    if engines.checkpoints_inside_hooks(instance):
+        # The hooks run first and `checkpointed_block_forward` checkpoints what they hand to `forward`.
+        state[_CHECKPOINT_FORWARD] = True
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            state.pop(_CHECKPOINT_FORWARD, None)
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
     return state[FUNC](functools.partial(wrapped, **kwargs), *args)
+
+
+def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper for a decoder block's ``forward``: checkpoints it when ``__call__`` asked for that."""
+    if not instance.__dict__.pop(_CHECKPOINT_FORWARD, False):
+        return wrapped(*args, **kwargs)
+    return instance.__dict__[FUNC](functools.partial(wrapped, **kwargs), *args)
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,6 +149,7 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     """
     if not (instance.__dict__.get(OWNER_FLAG) and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
+    _leave_blocks_to_engine_checkpointing(instance)
     position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
         requested = args[position]
@@ -137,6 +163,24 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
         instance.__dict__[_WARNED_CACHE] = True
         logger.warning("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
     return wrapped(*args, **kwargs)
+
+
+def _leave_blocks_to_engine_checkpointing(owner: torch.nn.Module) -> None:
+    """Marks the routed blocks that an engine's own activation checkpointing wraps, and warns once."""
+    covered = [block for block in engines.outer_checkpointed_blocks(owner) if block.__dict__.get(FLAG)]
+    for block in covered:
+        block.__dict__[_ENGINE_CHECKPOINTS] = True
+    if covered and not owner.__dict__.get(_WARNED_ENGINE):
+        owner.__dict__[_WARNED_ENGINE] = True
+        warnings.warn(
+            f"{len(covered)} decoder block(s) of {type(owner).__qualname__} are already checkpointed by the "
+            "training engine (torch's checkpoint_wrapper, as FSDP's `activation_checkpointing` applies it); "
+            "the engine's checkpointing wins for those blocks and qwen-ckpt-compat does not checkpoint them a "
+            "second time. To have qwen-ckpt-compat checkpoint them instead (honouring use_reentrant, "
+            "every_n_layers and offload), turn the engine's activation checkpointing off.",
+            CompatWarning,
+            stacklevel=2,
+        )
 
 
 # ------------------------------------------------------------------------------------------ per model
@@ -205,8 +249,8 @@ def clear(model: torch.nn.Module) -> None:
     """Removes every attribute and hook this module put on ``model`` and its submodules."""
     _set_input_grads(model, False)
     for module in model.modules():
-        module.__dict__.pop(OWNER_FLAG, None)
-        module.__dict__.pop(_WARNED_CACHE, None)
+        for name in (OWNER_FLAG, _WARNED_CACHE, _WARNED_ENGINE, _ENGINE_CHECKPOINTS, _CHECKPOINT_FORWARD):
+            module.__dict__.pop(name, None)
         if _SAVED in module.__dict__:
             saved = module.__dict__.pop(_SAVED)
             module.__dict__.pop(FLAG, None)

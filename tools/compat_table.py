@@ -31,6 +31,7 @@ BEHAVIOURS = (
     "every_n_layers",
     "offload",
     "unpatch",
+    "engines",
 )
 COMPANIONS = ("peft", "accelerate", "tokenizers", "huggingface-hub")
 VARIANTS = {"no-tsg": "without transformers_stream_generator"}

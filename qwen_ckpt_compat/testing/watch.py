@@ -77,11 +77,11 @@ def watch_checkpointing(model: Any) -> Iterator[CheckpointWatch]:
     """
     import torch.utils.checkpoint
 
-    from ..detection import decoder_block_names, unwrap_model
+    from ..detection import decoder_block_names, is_decoder_block, unwrap_model
 
     root = unwrap_model(model)
     names = set(decoder_block_names(root))
-    blocks = [module for module in root.modules() if type(module).__name__ in names]
+    blocks = [module for module in root.modules() if is_decoder_block(module, names)]
     seen = CheckpointWatch(num_blocks=len(blocks))
     original = torch.utils.checkpoint.checkpoint
 
