@@ -196,14 +196,19 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
     function = next(functions, None)
     if function is None:
         return None  # off, or transformers <= 4.34, which stores no function (and takes no kwargs)
-    if _is_torch_checkpoint(getattr(function, "func", None)) and isinstance(function, functools.partial):
-        # What transformers builds: partial(checkpoint, **kwargs); torch's default mode is reentrant.
+    if isinstance(function, functools.partial) and _is_transformers_checkpoint(function.func):
+        # What transformers builds: partial(checkpoint or its offloading wrapper, **kwargs). Without
+        # `use_reentrant` torch's default mode, reentrant, is in effect.
         return {"use_reentrant": True, **function.keywords}
     return function
 
 
-def _is_torch_checkpoint(function: Any) -> bool:
-    return getattr(function, "__module__", None) == "torch.utils.checkpoint" and getattr(function, "__name__", None) == "checkpoint"
+def _is_transformers_checkpoint(function: Any) -> bool:
+    """torch's checkpoint itself, or a wrapper defined by transformers (the 5.17+ offloading one)."""
+    module = getattr(function, "__module__", None) or ""
+    if module == "torch.utils.checkpoint":
+        return getattr(function, "__name__", None) == "checkpoint"
+    return module.split(".")[0] == "transformers"
 
 
 def _warn_kept(root: Any, function: Callable, options: str) -> None:

@@ -20,7 +20,15 @@ import pytest
 import torch
 from helpers import enable, load_qwen, lora, needs_kwargs, reentrant_in_effect, step_grads
 
-from qwen_ckpt_compat import CompatWarning, checkpoint_settings, is_patched, patch, prepare_for_lora, routing
+from qwen_ckpt_compat import (
+    CompatWarning,
+    capabilities,
+    checkpoint_settings,
+    is_patched,
+    patch,
+    prepare_for_lora,
+    routing,
+)
 from qwen_ckpt_compat.testing import watch_checkpointing
 
 
@@ -174,6 +182,16 @@ def test_native_models_keep_transformers_kwargs_in_effect(native_model_factory, 
                  for m in model.modules() if m.__dict__.get("gradient_checkpointing")}
     assert functions, "checkpointing is on"
     assert [f.keywords for f in functions.values()] == [{"use_reentrant": use_reentrant, "preserve_rng_state": False}]
+
+
+@pytest.mark.skipif(not capabilities().offload, reason="transformers' enable takes no offload before 5.17")
+def test_native_models_keep_the_kwargs_of_transformers_offloading_function(native_llama):
+    enable(native_llama, gradient_checkpointing_kwargs={"use_reentrant": True}, offload=True)
+    prepare_for_lora(native_llama)  # no kwargs, no offload: the kwargs stay, offload goes (as passed)
+    functions = {m._gradient_checkpointing_func for m in native_llama.modules() if m.__dict__.get("gradient_checkpointing")}
+    assert len(functions) == 1
+    (function,) = functions
+    assert function.keywords == {"use_reentrant": True} and function.func is torch.utils.checkpoint.checkpoint
 
 
 @needs_kwargs
