@@ -14,6 +14,8 @@ adapter and prove the run; leave them out of your own script.
 
 import qwen_ckpt_compat  # noqa: F401  (qwen-ckpt-compat) first: on 4.57+ and 5.x the remote code loads only then
 
+# isort: split
+
 import dataclasses
 import inspect
 import json

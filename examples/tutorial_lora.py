@@ -12,12 +12,20 @@ and ``prepare_for_lora``. The "Checks" at the end prove that it worked; leave th
 
 import qwen_ckpt_compat  # noqa: F401  (qwen-ckpt-compat, 1/2) first: on 4.57+ and 5.x the remote code loads only then
 
+# isort: split
+
 import argparse
 import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainingArguments,
+)
 
 from qwen_ckpt_compat import prepare_for_lora
 from qwen_ckpt_compat.testing import watch_checkpointing, write_tiny_qwen
