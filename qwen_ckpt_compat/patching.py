@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 import wrapt
 
-from . import routing
+from . import engines, routing
 from .detection import (
     checkpointing_owners,
     decoder_block_names,
@@ -52,11 +52,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What is used when nobody asked for anything: the modern, non-reentrant checkpoint.
+#: What ``prepare_for_lora`` asks for when given no kwargs: the modern, non-reentrant checkpoint. (An enable call
+#: that names no ``use_reentrant`` gets non-reentrant too, except on models with bitsandbytes 8-bit layers, whose
+#: activations only reentrant checkpointing frees: see :mod:`qwen_ckpt_compat.engines.bitsandbytes`.)
 DEFAULT_CHECKPOINT_KWARGS: dict = {"use_reentrant": False}
 _ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
 _DEFAULTS_ATTR = "_qcc_checkpointing_defaults"
 _SETTINGS_ATTR = "_qcc_settings"  # the CheckpointSettings in effect, for checkpoint_settings()
+_WARNED_INT8 = "_qcc_warned_int8_non_reentrant"
 _ABSENT = object()
 
 
@@ -211,8 +214,11 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     else:
         request = defaults
     request = request.over(CheckpointRequest(every_n_layers=every_n_layers))
-    kwargs = dict(request.kwargs if request.kwargs is not None else DEFAULT_CHECKPOINT_KWARGS)
-    kwargs.setdefault("use_reentrant", False)  # a dict without it expresses no preference on the mode
+    kwargs = dict(request.kwargs) if request.kwargs is not None else {}
+    if "use_reentrant" not in kwargs:  # a dict without it expresses no preference on the mode
+        kwargs["use_reentrant"] = _default_use_reentrant(model)
+    elif kwargs["use_reentrant"] is False:
+        _warn_if_non_reentrant_keeps_activations(model)
     offload = bool(request.offload)
     return routing.CheckpointSettings(
         function=routing.build_checkpoint_function(kwargs, offload),
@@ -220,6 +226,26 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
         every_n_layers=request.every_n_layers or 1,
         offload=offload,
         kwargs=kwargs,
+    )
+
+
+def _default_use_reentrant(model: torch.nn.Module) -> bool:
+    """Non-reentrant, unless the model has layers whose activations only reentrant checkpointing frees."""
+    return engines.non_reentrant_keeps_activations(model)
+
+
+def _warn_if_non_reentrant_keeps_activations(model: torch.nn.Module) -> None:
+    if model.__dict__.get(_WARNED_INT8) or not engines.non_reentrant_keeps_activations(model):
+        return
+    model.__dict__[_WARNED_INT8] = True
+    warnings.warn(
+        f"{type(model).__qualname__} has bitsandbytes 8-bit layers, which keep their inputs on their autograd "
+        "context where non-reentrant checkpointing cannot free them: use_reentrant=False is honoured, but saves "
+        "little memory (Qwen-7B, seq 1024: 19.6 GB peak against 15.4 GB reentrant). Pass "
+        "gradient_checkpointing_kwargs={'use_reentrant': True} (or no use_reentrant at all: the library then picks "
+        "reentrant for 8-bit models and makes the input embeddings require grad, so LoRA still gets gradients).",
+        CompatWarning,
+        stacklevel=5,
     )
 
 
@@ -304,6 +330,7 @@ def unpatch(model: Any) -> Any:
     routing.clear(root)
     root.__dict__.pop(_DEFAULTS_ATTR, None)
     root.__dict__.pop(_SETTINGS_ATTR, None)
+    root.__dict__.pop(_WARNED_INT8, None)
     if state is not None:
         state.restore()
     return model

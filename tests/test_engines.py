@@ -232,3 +232,68 @@ def test_engine_checkpointing_warning_is_silent_without_an_engine(qwen):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompatWarning)
         step_grads(model)
+
+
+# ------------------------------------------------------------------- bitsandbytes 8-bit layers (CPU stand-in)
+
+
+@pytest.fixture
+def int8_layer_class(monkeypatch):
+    """``bitsandbytes.nn.Linear8bitLt`` as the library looks it up: a class of an imported ``bitsandbytes.nn``.
+
+    The real layer needs a GPU; what is tested here is the library's decision, which only asks ``isinstance``.
+    """
+    import types
+
+    module = types.ModuleType("bitsandbytes.nn")
+
+    class Linear8bitLt(torch.nn.Linear):
+        pass
+
+    module.Linear8bitLt = Linear8bitLt
+    monkeypatch.setitem(sys.modules, "bitsandbytes.nn", module)
+    return Linear8bitLt
+
+
+def _swap_in(model, cls) -> None:
+    mlp = blocks(model)[0].mlp
+    old = mlp.w1
+    new = cls(old.in_features, old.out_features, bias=old.bias is not None)
+    new.load_state_dict(old.state_dict())
+    mlp.w1 = new
+
+
+@pytest.mark.behaviour("engines")
+def test_8bit_models_checkpoint_reentrantly_when_nobody_asked(qwen, int8_layer_class):
+    from helpers import enable, reentrant_in_effect
+
+    _swap_in(qwen, int8_layer_class)
+    patch(qwen)
+    enable(qwen)
+    assert checkpoint_settings(qwen).use_reentrant is True
+    model = lora(qwen)
+    assert reentrant_in_effect(model)
+    assert len(step_grads(model)) == 20, "the input-embedding hook lets every LoRA tensor get its gradient"
+
+
+@pytest.mark.behaviour("engines")
+def test_8bit_models_warn_once_when_non_reentrant_is_asked(qwen, int8_layer_class):
+    _swap_in(qwen, int8_layer_class)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": False})
+        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"use_reentrant": False})
+    messages = [str(w.message) for w in caught if issubclass(w.category, CompatWarning)]
+    assert len(messages) == 1 and "8-bit" in messages[0] and "use_reentrant': True" in messages[0]
+    assert checkpoint_settings(qwen).use_reentrant is False, "the explicit request is still honoured"
+
+
+@pytest.mark.behaviour("engines")
+def test_models_without_8bit_layers_keep_the_non_reentrant_default(qwen):
+    from helpers import enable
+
+    patch(qwen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatWarning)
+        enable(qwen)
+    assert checkpoint_settings(qwen).use_reentrant is False

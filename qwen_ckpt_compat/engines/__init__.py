@@ -7,13 +7,17 @@ Engines hand the model back in three ways, and the rest of the library only need
   gives the module inside.
 * **The same object with a new class** (FSDP2's ``fully_shard`` swaps ``QWenBlock`` for ``FSDPQWenBlock``, a
   subclass of ``FSDPModule`` and the original class): :func:`own_class` gives the class the model defined.
+* **Layers whose activations non-reentrant checkpointing cannot free** (bitsandbytes 8-bit):
+  :func:`non_reentrant_keeps_activations` makes reentrant checkpointing their default, and a warning says so
+  when non-reentrant is asked for.
 * **Hooks on a block** that prepare its inputs before ``forward`` (FSDP2 casts floating inputs to the
   mixed-precision dtype in its forward pre-hook): :func:`checkpoints_inside_hooks` tells the routing to
   checkpoint ``forward`` inside those hooks, so that the recompute sees the inputs the forward saw. And an
   engine's own activation checkpointing around a block (torch's ``checkpoint_wrapper``, which FSDP's
   ``activation_checkpointing`` applies): :func:`outer_checkpointed_blocks` finds the blocks it already covers.
 
-Each engine has a module of its own (:mod:`.torch_parallel`, :mod:`.fsdp`, :mod:`.deepspeed`); each recognises
+Each engine has a module of its own (:mod:`.torch_parallel`, :mod:`.fsdp`, :mod:`.deepspeed`,
+:mod:`.bitsandbytes`); each recognises
 its objects with ``isinstance`` against the engine's own classes, looked up only in modules that are already
 imported (an object cannot be an instance of a class that was never imported), or by the attributes the
 engine's public API documents. Nothing here imports an engine.
@@ -25,9 +29,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from . import deepspeed, fsdp, torch_parallel
+from . import bitsandbytes, deepspeed, fsdp, torch_parallel
 
-__all__ = ["checkpoints_inside_hooks", "outer_checkpointed_blocks", "own_class", "unwrap_engines"]
+__all__ = [
+    "checkpoints_inside_hooks",
+    "non_reentrant_keeps_activations",
+    "outer_checkpointed_blocks",
+    "own_class",
+    "unwrap_engines",
+]
 
 # Each returns the module an engine object wraps, or None when the object is not that engine's wrapper.
 _UNWRAPPERS: tuple[Callable[[Any], Optional[torch.nn.Module]], ...] = (
@@ -62,3 +72,8 @@ def checkpoints_inside_hooks(module: torch.nn.Module) -> bool:
 def outer_checkpointed_blocks(root: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The modules under ``root`` that an engine's own activation checkpointing already wraps."""
     return fsdp.checkpoint_wrapped_modules(root)
+
+
+def non_reentrant_keeps_activations(model: torch.nn.Module) -> bool:
+    """Whether layers of ``model`` keep their inputs outside torch's saved-tensor hooks (bitsandbytes 8-bit)."""
+    return bitsandbytes.has_int8_layers(model)

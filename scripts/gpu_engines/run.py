@@ -69,6 +69,8 @@ def jobs(part: str) -> list[Job]:
             Job("qlora4-prepare-after", "qlora4", 32, order="prepare-after", extra=["--global-batch", "1"]),
             Job("qlora4-import-only", "qlora4", 32, order="import-only", extra=["--global-batch", "1"]),
             Job("qlora8-prepare-first", "qlora8", 32, extra=["--global-batch", "1"]),
+            # the same without the library's calls: tells bitsandbytes' own int8 cost from the library's
+            Job("qlora8-import-only", "qlora8", 32, order="import-only", extra=["--global-batch", "1"]),
         ]
     if part == "two-gpu":
         return [
@@ -133,8 +135,11 @@ def launch(job: Job, gpus: list[int], args: argparse.Namespace) -> dict:
     result_file = run_dir / "result.json"
     result = json.loads(result_file.read_text()) if result_file.is_file() and code == 0 else {}
     if not result:
-        tail = (run_dir / "log.txt").read_text(errors="replace").splitlines()[-25:]
-        result = {"error": f"exit status {code}", "log_tail": tail}
+        lines = (run_dir / "log.txt").read_text(errors="replace").splitlines()
+        # The child's own error comes before torchrun's summary: keep the lines that name errors, and the end.
+        errors = [line for line in lines if "Error" in line or "error:" in line][:30]
+        result = {"error": f"exit status {code}", "log_errors": errors, "log_tail": lines[-60:]}
+        print("\n".join([f"--- {job.name} failed; error lines:", *errors[-20:]]), flush=True)
     result.update(name=job.name, wall_s=round(time.monotonic() - started, 1), gpus=gpus)
     print(f"[{time.strftime('%H:%M:%S')}] {job.name}: {'FAILED ' + result['error'] if 'error' in result else 'ok'} "
           f"({result['wall_s']} s)", flush=True)
@@ -222,8 +227,13 @@ def verdict(job: Job, result: dict, results: dict) -> list[str]:
             failed.append(f"losses differ from {job.reference} by {worst:.2e} (> {BF16_LOSS_RTOL})")
     if job.engine == "fsdp-both" and not any("already checkpointed by the training engine" in w for w in result["compat_warnings"]):
         failed.append("no warning that FSDP's activation checkpointing wins")
-    if job.engine == "zero3" and result.get("logits_rel_diff", 1.0) > 1e-2:
-        failed.append(f"reloaded adapter's logits differ: {result.get('logits_rel_diff')}")
+    if "reload_error" in result:
+        failed.append(f"saving/reloading the adapter: {result['reload_error']}")
+    elif job.engine == "zero3":
+        if not result.get("adapter_tensors_equal"):
+            failed.append("the saved adapter's tensors differ from the trained ones")
+        if result.get("logits_rel_diff", 1.0) > 1e-2:
+            failed.append(f"reloaded adapter's logits differ: {result.get('logits_rel_diff')}")
     if job.engine in ("qlora4", "qlora8"):
         lora = results.get("lora-bf16-32l", {})
         if "ranks" in lora and ranks[0]["peak_bytes"] >= lora["ranks"][0]["peak_bytes"]:

@@ -190,6 +190,13 @@ def training_arguments(args: argparse.Namespace, out: Path, world: int):
     return transformers.TrainingArguments(**options)
 
 
+def plain_name(name: str) -> str:
+    """A parameter's name without what engines insert (torch's checkpoint_wrapper, FSDP1, DDP)."""
+    for inserted in ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module."):
+        name = name.replace(inserted, "")
+    return name[len("module."):] if name.startswith("module.") else name
+
+
 def full_lora(trainer, model) -> dict:
     """The LoRA tensors, whole, on every rank, whatever the engine sharded."""
     wrapped = trainer.model_wrapped
@@ -199,17 +206,17 @@ def full_lora(trainer, model) -> dict:
 
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return {n: p.detach().float().cpu().clone() for n, p in zip(names, params)}
+            return {plain_name(n): p.detach().float().cpu().clone() for n, p in zip(names, params)}
     if type(wrapped).__name__ == "FullyShardedDataParallel":
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
-            return {n: p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+            return {plain_name(n): p.detach().float().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
     out = {}
     for n, p in model.named_parameters():
         if "lora_" in n:
             p = p.full_tensor() if hasattr(p, "full_tensor") else p
-            out[n] = p.detach().float().cpu().clone()
+            out[plain_name(n)] = p.detach().float().cpu().clone()
     return out
 
 
@@ -226,8 +233,8 @@ def check_public_api(wrapped) -> dict:
     return found
 
 
-def zero3_reload_check(trainer, model, args, out: Path) -> dict:
-    """Saves the adapter (ZeRO-3 gathers 16-bit weights), reloads it on a fresh base: same logits?"""
+def zero3_reload_check(trainer, model, args, out: Path, trained_lora: dict) -> dict:
+    """Saves the adapter (ZeRO-3 gathers 16-bit weights), reloads it on a fresh base: same tensors, same logits?"""
     adapter = out / "adapter"
     trainer.save_model(str(adapter))
     ids = Rows(model.config.vocab_size, 64).ids[:1].to(trainer.args.device)
@@ -239,8 +246,18 @@ def zero3_reload_check(trainer, model, args, out: Path) -> dict:
         result["adapter_files"] = sorted(p.name for p in adapter.iterdir())
         from peft import PeftModel
 
+        # A plain model, as a user reloads it: outside ZeRO-3's zero.Init (which from_pretrained would use while
+        # the Trainer's DeepSpeed config is alive, leaving the parameters partitioned and empty).
+        from transformers.integrations import deepspeed as hf_deepspeed
+
+        getattr(hf_deepspeed, "unset_hf_deepspeed_config", lambda: None)()
         base = load(args).to(trainer.args.device)
-        reloaded = PeftModel.from_pretrained(base, str(adapter)).eval()
+        # The adapter as it was trained (bf16), not upcast to float32 as peft does by default.
+        reloaded = PeftModel.from_pretrained(base, str(adapter), autocast_adapter_dtype=False).eval()
+        again_lora = {plain_name(n): p.detach().float().cpu() for n, p in reloaded.named_parameters() if "lora_" in n}
+        result["adapter_tensors_equal"] = sorted(again_lora) == sorted(trained_lora) and all(
+            torch.equal(again_lora[n], trained_lora[n]) for n in trained_lora
+        )
         with torch.no_grad():
             again = reloaded(input_ids=ids).logits.float().cpu()
         result["logits_max_abs_diff"] = (again - trained).abs().max().item()
@@ -290,16 +307,22 @@ def main() -> None:
         trainer.train()
     peak = torch.cuda.max_memory_allocated() if not args.cpu else 0
     api = check_public_api(trainer.model_wrapped)
+    block_runs = list(runs)  # before the ZeRO-3 check's own forward
     after = full_lora(trainer, model)
     changed = sum(not torch.equal(after[n], before[n]) for n in before if n in after)
     checksum = math.fsum(float(t.double().sum()) for t in after.values())
-    extra = zero3_reload_check(trainer, model, args, out) if args.engine == "zero3" else {}
+    extra: dict = {}
+    if args.engine == "zero3":
+        try:
+            extra = zero3_reload_check(trainer, model, args, out, after)
+        except Exception as error:  # recorded: training's own results still count
+            extra = {"reload_error": f"{type(error).__name__}: {error}"[:500]}
     caught.__exit__(None, None, None)
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     mine = {
         "rank": rank, "peak_bytes": peak, "lora_checksum": checksum, "lora_changed": changed,
-        "lora_tensors": len(before), "block_runs": runs, "checkpoint_calls": len(calls),
+        "lora_tensors": len(before), "block_runs": block_runs, "checkpoint_calls": len(calls),
         "use_reentrant_seen": sorted({str(c) for c in calls}), "api": api,
     }
     everyone = [mine]
