@@ -59,7 +59,7 @@ def prepare_for_lora(
             non-reentrant variant is used. Not given: no preference. The checkpointing already in effect on the
             model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
             earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
-            `{"use_reentrant": False}`.
+            `{"use_reentrant": False}` (reentrant for old remote code with bitsandbytes 8-bit layers).
         every_n_layers (`int`, *optional*, defaults to 1):
             Checkpoint decoder blocks ``0, n, 2n, ...`` only and keep the activations of the others: less
             recomputation for more memory. Honoured for old remote-code models on every release, and for
@@ -99,9 +99,14 @@ def prepare_for_lora(
     kept = None  # a checkpoint function in effect whose kwargs cannot be read (a framework's own): kept as is
     if request.kwargs is None:
         in_effect = _checkpointing_in_effect(root)
-        kept = None if isinstance(in_effect, dict) else in_effect
-        kwargs = in_effect if isinstance(in_effect, dict) else dict(DEFAULT_CHECKPOINT_KWARGS)
-        request = replace(request, kwargs=kwargs)
+        if isinstance(in_effect, dict):
+            request = replace(request, kwargs=in_effect)
+        else:
+            kept = in_effect
+            # Nothing in effect. Old remote code: no kwargs, so that the patch picks the mode for the model
+            # (non-reentrant; reentrant with bitsandbytes 8-bit layers). Native: the library default.
+            if not is_old_checkpointing_api(root):
+                request = replace(request, kwargs=dict(DEFAULT_CHECKPOINT_KWARGS))
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
