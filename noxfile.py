@@ -356,6 +356,9 @@ def package(session: nox.Session) -> None:
             ' sys.exit("site-packages" not in m.__file__)',
         )
         session.run("python", "-m", "qwen_ckpt_compat", "demo", *session.posargs, env=_test_env(session))
+        # the doctor and the JSON Schema it documents ship in the wheel
+        session.run("python", "-c", "from qwen_ckpt_compat.doctor import SCHEMA_PATH; assert SCHEMA_PATH.is_file()")
+        session.run("python", "-m", "qwen_ckpt_compat", "doctor", env=_test_env(session))
     with _timed(session, "example"), session.chdir(outside):
         # A user's script against the installed wheel (its testing fixture included); it asserts what it shows.
         example = str(ROOT / "examples" / "tutorial_lora.py")

@@ -23,7 +23,9 @@ __all__ = [
     "CompatError",
     "CompatWarning",
     "ModelInfo",
+    "MemoryPlan",
     "UnsupportedModelError",
+    "UnsupportedTorchError",
     "__version__",
     "StreamingUnavailableError",
     "capabilities",
@@ -32,6 +34,7 @@ __all__ = [
     "checkpoint_settings",
     "describe",
     "is_patched",
+    "memory_plan",
     "patch",
     "prepare_for_lora",
     "unpatch",
@@ -44,6 +47,8 @@ _LAZY = {
     "is_patched": "patching",
     "checkpoint_settings": "patching",
     "CheckpointRequest": "patching",
+    "memory_plan": "budget",
+    "MemoryPlan": "budget",
     "describe": "detection",
     "ModelInfo": "detection",
     "capabilities": "versions",
@@ -51,14 +56,22 @@ _LAZY = {
     "CompatWarning": "errors",
     "CheckpointingNotSupportedError": "errors",
     "UnsupportedModelError": "errors",
+    "UnsupportedTorchError": "errors",
     "StreamingUnavailableError": "loading",
     "enable_remote_code_loading": "loading",
     "disable_remote_code_loading": "loading",
 }
 
 if TYPE_CHECKING:
+    from .budget import MemoryPlan, memory_plan
     from .detection import ModelInfo, describe
-    from .errors import CheckpointingNotSupportedError, CompatError, CompatWarning, UnsupportedModelError
+    from .errors import (
+        CheckpointingNotSupportedError,
+        CompatError,
+        CompatWarning,
+        UnsupportedModelError,
+        UnsupportedTorchError,
+    )
     from .loading import StreamingUnavailableError, disable_remote_code_loading, enable_remote_code_loading
     from .lora import prepare_for_lora
     from .patching import CheckpointRequest, checkpoint_settings, is_patched, patch, unpatch

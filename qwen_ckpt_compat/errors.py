@@ -11,6 +11,7 @@ __all__ = [
     "CompatWarning",
     "CheckpointingNotSupportedError",
     "UnsupportedModelError",
+    "UnsupportedTorchError",
 ]
 
 
@@ -24,6 +25,10 @@ class UnsupportedModelError(CompatError, TypeError):
 
 class CheckpointingNotSupportedError(CompatError, ValueError):
     """The model cannot checkpoint activations (``supports_gradient_checkpointing`` is false)."""
+
+
+class UnsupportedTorchError(CompatError, RuntimeError):
+    """The installed torch lacks a feature that was asked for; the message names the torch release needed."""
 
 
 class CompatWarning(UserWarning):

@@ -20,6 +20,7 @@ from .patching import (
     is_patched,
     patch,
     set_checkpointing_defaults,
+    set_fused_attention,
 )
 from .routing import reentrancy_of
 from .versions import capabilities
@@ -34,6 +35,9 @@ def prepare_for_lora(
     gradient_checkpointing_kwargs: Optional[Mapping[str, Any]] = None,
     every_n_layers: int = 1,
     offload: bool = False,
+    memory_budget: Union[int, str, None] = None,
+    selective: bool = False,
+    fused_attention: bool = False,
 ) -> Any:
     """Gets a model ready for LoRA training with gradient checkpointing, on any transformers release.
 
@@ -67,6 +71,19 @@ def prepare_for_lora(
         offload (`bool`, *optional*, defaults to `False`):
             Keep the block inputs saved for the recompute in (pinned) host memory instead of on the accelerator.
             Same support as ``every_n_layers``.
+        memory_budget (`int` or `str`, *optional*):
+            A peak-memory budget on the accelerator, in bytes or as a string (``"70GiB"``, ``"80GB"``). Which
+            decoder blocks are checkpointed (and whether their inputs are offloaded) is then planned from the first
+            training step of each batch shape, to fit the budget with the least recompute; ``memory_plan(model)``
+            shows the plan (see docs/performance.md). Old remote-code models only; not with ``every_n_layers`` or
+            ``offload``, which the plan decides.
+        selective (`bool`, *optional*, defaults to `False`):
+            Selective recompute: checkpointed blocks keep their attention outputs (torch's selective activation
+            checkpointing, torch >= 2.4, non-reentrant checkpoint only) and recompute everything else.
+        fused_attention (`bool`, *optional*, defaults to `False`):
+            Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
+            padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
+            ``qwen_ckpt_compat.attention``.
 
     Returns:
         The same ``model``.
@@ -75,6 +92,7 @@ def prepare_for_lora(
         `UnsupportedModelError` (a `TypeError`): ``model`` is not a transformers model or a peft model around one.
         `TypeError` / `ValueError`: an option has the wrong type or value.
         `CheckpointingNotSupportedError` (a `ValueError`): checkpointing was asked of a model that cannot do it.
+        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.4.
 
     Example:
 
@@ -90,6 +108,7 @@ def prepare_for_lora(
     """
     root = unwrap_model(model)
     request = _validated_request(gradient_checkpointing_kwargs, every_n_layers, offload)
+    request = _with_speed_options(root, request, memory_budget, selective, fused_attention)
     if use_gradient_checkpointing and not getattr(root, "supports_gradient_checkpointing", False):
         raise CheckpointingNotSupportedError(
             f"{type(root).__qualname__} (from {type(root).__module__}) does not support gradient checkpointing "
@@ -98,7 +117,10 @@ def prepare_for_lora(
         )
     kept = None  # a checkpoint function in effect whose kwargs cannot be read (a framework's own): kept as is
     if request.kwargs is None:
-        in_effect = _checkpointing_in_effect(root)
+        # No preference: what is in effect stays. Selective recompute and a memory budget are built on the
+        # library's own checkpoint, so with them nothing in effect is looked up.
+        planned = request.selective or request.memory_budget is not None
+        in_effect = None if planned else _checkpointing_in_effect(root)
         if isinstance(in_effect, dict):
             request = replace(request, kwargs=in_effect)
         else:
@@ -110,13 +132,15 @@ def prepare_for_lora(
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
+        _set_fused_attention(root, fused_attention)
         if use_gradient_checkpointing:
             enable_routed_checkpointing(root, function=kept)
             if kept is not None and offload:
                 _warn_kept(root, kept, "offload=True")
     elif use_gradient_checkpointing:
+        native_request = _native_request(root, request, fused_attention)
         if kept is None:
-            _call_enable(root, request)
+            _call_enable(root, native_request)
         elif every_n_layers != 1 or offload:
             _warn_kept(root, kept, f"every_n_layers={every_n_layers}, offload={offload}")
         reentrant = _native_is_reentrant(request) if kept is None else reentrancy_of(kept) is not False
@@ -142,6 +166,62 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
         every_n_layers=every_n_layers,
         offload=offload,
     )
+
+
+def _with_speed_options(
+    root: Any, request: CheckpointRequest, memory_budget: Union[int, str, None], selective: bool, fused_attention: bool
+) -> CheckpointRequest:
+    """Validates ``memory_budget``, ``selective`` and ``fused_attention``; adds the first two to ``request``."""
+    from .budget import check_budget, parse_memory_budget
+    from .selective import require_selective_checkpointing
+
+    for name, value in (("selective", selective), ("fused_attention", fused_attention)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r:.60}")
+    budget = None
+    if memory_budget is not None:
+        budget = parse_memory_budget(memory_budget)
+        if request.every_n_layers != 1 or request.offload:
+            raise ValueError(
+                "memory_budget plans which blocks to checkpoint and whether to offload; leave every_n_layers and "
+                f"offload at their defaults (got every_n_layers={request.every_n_layers}, offload={request.offload})"
+            )
+        check_budget(root, budget)
+    if selective:
+        if request.kwargs and request.kwargs.get("use_reentrant"):
+            raise ValueError(
+                "selective recompute works with the non-reentrant checkpoint only; drop use_reentrant=True from "
+                "gradient_checkpointing_kwargs"
+            )
+        require_selective_checkpointing()
+    return replace(request, memory_budget=budget, selective=selective or None)
+
+
+def _set_fused_attention(root: Any, enabled: bool) -> None:
+    if set_fused_attention(root, enabled) == 0 and enabled:
+        warnings.warn(
+            f"fused_attention=True: {type(root).__qualname__} has no attention module of a kind this library knows "
+            "(Qwen v1's QWenAttention); its attention runs unchanged.",
+            CompatWarning,
+            stacklevel=3,
+        )
+
+
+def _native_request(root: Any, request: CheckpointRequest, fused_attention: bool) -> CheckpointRequest:
+    """The request for a native model: selective recompute goes in as ``context_fn``; the rest is not ours to do."""
+    ignored = [name for name, value in (("memory_budget", request.memory_budget), ("fused_attention", fused_attention)) if value]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: only for old remote-code models; {type(root).__qualname__} uses transformers' own "
+            "checkpointing and attention, unchanged.",
+            CompatWarning,
+            stacklevel=3,
+        )
+    if request.selective:
+        from .selective import selective_context_fn
+
+        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": selective_context_fn()})
+    return request
 
 
 def _call_enable(root: Any, request: CheckpointRequest) -> None:
@@ -194,9 +274,9 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
             return {"use_reentrant": True}
         settings = checkpoint_settings(root) if flagged else None
         if settings is not None:
-            return dict(settings.kwargs) if settings.kwargs is not None else settings.function
+            return _own_kwargs(settings.kwargs) if settings.kwargs is not None else settings.function
         defaults = checkpointing_defaults(root)
-        return dict(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
+        return _own_kwargs(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
     functions = (m.__dict__["_gradient_checkpointing_func"] for m in flagged if "_gradient_checkpointing_func" in m.__dict__)
     function = next(functions, None)
     if function is None:
@@ -204,8 +284,13 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
     if isinstance(function, functools.partial) and _is_transformers_checkpoint(function.func):
         # What transformers builds: partial(checkpoint or its offloading wrapper, **kwargs). Without
         # `use_reentrant` torch's default mode, reentrant, is in effect.
-        return {"use_reentrant": True, **function.keywords}
+        return {"use_reentrant": True, **_own_kwargs(function.keywords)}
     return function
+
+
+def _own_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """Checkpoint kwargs without ``context_fn``: selective recompute is an option of its own (``selective``)."""
+    return {name: value for name, value in kwargs.items() if name != "context_fn"}
 
 
 def _is_transformers_checkpoint(function: Any) -> bool:

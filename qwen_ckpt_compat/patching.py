@@ -27,7 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 import wrapt
 
-from . import engines, routing
+from . import attention, engines, routing
 from .detection import (
     checkpointing_owners,
     decoder_block_names,
@@ -47,6 +47,7 @@ __all__ = [
     "is_patched",
     "patch",
     "set_checkpointing_defaults",
+    "set_fused_attention",
     "unpatch",
 ]
 
@@ -71,11 +72,15 @@ class CheckpointRequest:
         kwargs (`dict`, *optional*): kwargs for ``torch.utils.checkpoint.checkpoint`` (``use_reentrant`` ...).
         every_n_layers (`int`, *optional*): checkpoint every n-th decoder block only.
         offload (`bool`, *optional*): keep the saved block inputs in host memory.
+        memory_budget (`int`, *optional*): bytes; plan which blocks to checkpoint (see :mod:`.budget`).
+        selective (`bool`, *optional*): checkpointed blocks keep their attention outputs (see :mod:`.selective`).
     """
 
     kwargs: Optional[dict] = None
     every_n_layers: Optional[int] = None
     offload: Optional[bool] = None
+    memory_budget: Optional[int] = None
+    selective: Optional[bool] = None
 
     def over(self, fallback: "CheckpointRequest") -> "CheckpointRequest":
         """This request, with its gaps filled from ``fallback``."""
@@ -83,6 +88,8 @@ class CheckpointRequest:
             kwargs=self.kwargs if self.kwargs is not None else fallback.kwargs,
             every_n_layers=self.every_n_layers if self.every_n_layers is not None else fallback.every_n_layers,
             offload=self.offload if self.offload is not None else fallback.offload,
+            memory_budget=self.memory_budget if self.memory_budget is not None else fallback.memory_budget,
+            selective=self.selective if self.selective is not None else fallback.selective,
         )
 
 
@@ -207,6 +214,8 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     defaults = model.__dict__.get(_DEFAULTS_ATTR) or CheckpointRequest()
     if noted is not None and noted[0] == id(model):
         request = noted[1].over(defaults)
+        if noted[1].every_n_layers is not None or noted[1].offload is not None:
+            request = replace(request, memory_budget=None)  # the call chose the blocks itself
     elif function is not None:
         # `_set_gradient_checkpointing(enable=True, gradient_checkpointing_func=f)` called directly: use `f`.
         every = every_n_layers or defaults.every_n_layers or 1
@@ -220,13 +229,33 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     elif kwargs["use_reentrant"] is False:
         _warn_if_non_reentrant_keeps_activations(model)
     offload = bool(request.offload)
+    selective = bool(request.selective) and _selective_context(model, kwargs)
     return routing.CheckpointSettings(
         function=routing.build_checkpoint_function(kwargs, offload),
         use_reentrant=bool(kwargs["use_reentrant"]),
         every_n_layers=request.every_n_layers or 1,
         offload=offload,
         kwargs=kwargs,
+        memory_budget=request.memory_budget,
+        selective=selective,
     )
+
+
+def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
+    """Adds selective recompute's ``context_fn`` to ``kwargs`` where it can work; warns where it cannot."""
+    from .selective import selective_checkpointing_available, selective_context_fn
+
+    if kwargs["use_reentrant"] or not selective_checkpointing_available():
+        why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.4"
+        warnings.warn(
+            f"selective recompute cannot be used on {type(model).__qualname__}: {why} (it needs the non-reentrant "
+            "checkpoint of torch >= 2.4); checkpointed blocks are recomputed whole.",
+            CompatWarning,
+            stacklevel=5,
+        )
+        return False
+    kwargs["context_fn"] = selective_context_fn()
+    return True
 
 
 def _default_use_reentrant(model: torch.nn.Module) -> bool:
@@ -266,11 +295,12 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
     for owner in owners:
         state.original(model, owner, value=True)
     routing.route(model, [], [], replace(settings, use_reentrant=True))
-    if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload:
+    if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload or settings.memory_budget:
         warnings.warn(
             f"{type(model).__qualname__} names no decoder blocks in `_no_split_modules`, so its remote code "
             f"checkpoints itself, reentrantly and every layer; {settings.kwargs}, every_n_layers="
-            f"{settings.every_n_layers} and offload={settings.offload} cannot be honoured.",
+            f"{settings.every_n_layers}, offload={settings.offload} and memory_budget={settings.memory_budget} "
+            "cannot be honoured.",
             CompatWarning,
             stacklevel=4,
         )
@@ -328,6 +358,7 @@ def unpatch(model: Any) -> Any:
     cls = find_checkpointing_class(root)
     state = _PATCHES.pop(cls, None) if cls is not None else None
     routing.clear(root)
+    attention.clear(root)
     root.__dict__.pop(_DEFAULTS_ATTR, None)
     root.__dict__.pop(_SETTINGS_ATTR, None)
     root.__dict__.pop(_WARNED_INT8, None)
@@ -361,6 +392,16 @@ def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
 def checkpointing_defaults(model: Any) -> Optional[CheckpointRequest]:
     """What :func:`set_checkpointing_defaults` stored on ``model``, or ``None``."""
     return unwrap_model(model).__dict__.get(_DEFAULTS_ATTR)
+
+
+def set_fused_attention(model: Any, enabled: bool) -> int:
+    """Turns the fused causal attention kernel on or off for a patched model (see :mod:`.attention`).
+
+    Returns:
+        `int`: how many attention modules of a known kind (Qwen v1's) the model has; 0 means nothing changed.
+    """
+    root = unwrap_model(model)
+    return attention.set_fused_attention(root, enabled, _patch_of(root).wrap)
 
 
 def checkpoint_settings(model: Any) -> Optional[routing.CheckpointSettings]:

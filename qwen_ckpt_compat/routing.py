@@ -45,6 +45,8 @@ OWNER_FLAG = "_qcc_routes_checkpointing"
 INPUT_GRADS_HOOK = "_qcc_input_grads_hook"
 _WARNED_CACHE = "_qcc_warned_use_cache"
 _SAVED = "_qcc_saved_attributes"  # what a block had under FLAG/FUNC before it was first routed
+PLANNER = "_qcc_planner"  # on the first block: the memory-budget planner to call before each training forward
+BUDGET = "_qcc_budget_planner"  # on the model: that planner, kept (with its plans) while checkpointing is off
 _CHECKPOINT_FORWARD = "_qcc_checkpoint_forward"  # set by __call__ for the forward inside an engine's hooks
 _ENGINE_CHECKPOINTS = "_qcc_engine_checkpoints"  # an engine's own activation checkpointing wraps this block
 _WARNED_ENGINE = "_qcc_warned_engine_checkpoints"
@@ -61,6 +63,9 @@ class CheckpointSettings:
         every_n_layers (`int`): checkpoint blocks ``0, n, 2n, ...`` and keep the activations of the others.
         offload (`bool`): the saved block inputs live in (pinned) host memory.
         kwargs (`dict`): the kwargs given to ``torch.utils.checkpoint.checkpoint``, for display.
+        memory_budget (`int`, *optional*): bytes; which blocks are checkpointed is then planned during training
+            (see :mod:`qwen_ckpt_compat.budget` and ``memory_plan(model)``).
+        selective (`bool`): checkpointed blocks keep their attention outputs (``kwargs["context_fn"]``).
     """
 
     function: Callable[..., Any]
@@ -68,6 +73,8 @@ class CheckpointSettings:
     every_n_layers: int = 1
     offload: bool = False
     kwargs: Optional[dict] = None
+    memory_budget: Optional[int] = None
+    selective: bool = False
 
 
 def _offload_device_type() -> Optional[str]:
@@ -111,6 +118,9 @@ def reentrancy_of(function: Callable[..., Any]) -> Optional[bool]:
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
     state = instance.__dict__
+    planner = state.get(PLANNER)
+    if planner is not None and instance.training and torch.is_grad_enabled():
+        planner.before_first_block(instance, wrapped, args, kwargs)  # may re-flag every block
     if not (state.get(FLAG) and instance.training and torch.is_grad_enabled()) or state.get(_ENGINE_CHECKPOINTS):
         return wrapped(*args, **kwargs)
     if engines.checkpoints_inside_hooks(instance):
@@ -231,6 +241,12 @@ def route(
         block.__dict__.setdefault(_SAVED, {name: block.__dict__[name] for name in (FLAG, FUNC) if name in block.__dict__})
         block.__dict__[FUNC] = settings.function
         block.__dict__[FLAG] = index % every == 0
+    if settings.memory_budget is not None and blocks:
+        from .budget import attach
+
+        attach(model, blocks, settings)  # sets each block's flag and function from its plan
+    else:
+        _detach_planner(model, blocks, forget=True)
     # Reentrant checkpointing only propagates gradients to inputs that require them; with a frozen base the
     # embeddings' output does not, so LoRA weights inside the blocks would get none.
     _set_input_grads(model, settings.use_reentrant is not False)
@@ -242,14 +258,22 @@ def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[
         owner.__dict__[OWNER_FLAG] = False
     for block in blocks:
         block.__dict__[FLAG] = False
+    _detach_planner(model, blocks, forget=False)  # the plans stay for a later re-enable (Trainer's)
     _set_input_grads(model, False)
+
+
+def _detach_planner(model: torch.nn.Module, blocks: list[torch.nn.Module], forget: bool) -> None:
+    for block in blocks:
+        block.__dict__.pop(PLANNER, None)
+    if forget:
+        model.__dict__.pop(BUDGET, None)
 
 
 def clear(model: torch.nn.Module) -> None:
     """Removes every attribute and hook this module put on ``model`` and its submodules."""
     _set_input_grads(model, False)
     for module in model.modules():
-        for name in (OWNER_FLAG, _WARNED_CACHE, _WARNED_ENGINE, _ENGINE_CHECKPOINTS, _CHECKPOINT_FORWARD):
+        for name in (OWNER_FLAG, _WARNED_CACHE, _WARNED_ENGINE, _ENGINE_CHECKPOINTS, _CHECKPOINT_FORWARD, PLANNER, BUDGET):
             module.__dict__.pop(name, None)
         if _SAVED in module.__dict__:
             saved = module.__dict__.pop(_SAVED)

@@ -26,6 +26,9 @@ _VERSION_GATES = {
     "default_reentrant_true": Version("4.38.0"),
     # 5.0 changed that default to `{"use_reentrant": False}`.
     "default_reentrant_false": Version("5.0.0"),
+    # 5.0's enable method calls `enable_input_require_grads()` itself for `input_ids` models, on the old-format
+    # path too; before, only for models with an adapter loaded through transformers' own PEFT integration.
+    "enable_adds_input_grads": Version("5.0.0"),
 }
 
 
@@ -58,6 +61,8 @@ class Capabilities:
             ``gradient_checkpointing_*`` names are deprecated aliases.
         native_default_use_reentrant (`bool`, *optional*): what native models get when no kwargs are given:
             ``None`` (torch's own default, reentrant with a warning), ``True`` (4.38+) or ``False`` (5.0+).
+        enable_adds_input_grads (`bool`): the enable method makes the input embeddings' output require grad
+            itself (5.0+), so reentrant checkpointing enabled after ``get_peft_model`` still reaches the adapters.
     """
 
     transformers: Version
@@ -70,6 +75,7 @@ class Capabilities:
     offload: bool
     activation_checkpointing_api: bool
     native_default_use_reentrant: Optional[bool]
+    enable_adds_input_grads: bool = False
 
     @property
     def enable_method_name(self) -> str:
@@ -111,4 +117,5 @@ def capabilities() -> Capabilities:
         offload="offload" in enable_params,
         activation_checkpointing_api=hasattr(PreTrainedModel, "activation_checkpointing_enable"),
         native_default_use_reentrant=native_default,
+        enable_adds_input_grads=transformers_version >= _VERSION_GATES["enable_adds_input_grads"],
     )

@@ -26,7 +26,8 @@ __all__ = ["checkpoint_wrapped_modules", "has_input_casting_hooks", "original_cl
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 
 
-def _loaded_class(module: str, name: str) -> Optional[type]:
+def _loaded_class(module: str, name: str) -> Any:
+    """``module.name`` if ``module`` is imported, else ``None`` (typed ``Any``: an engine's class, unknown here)."""
     return getattr(sys.modules.get(module), name, None)
 
 

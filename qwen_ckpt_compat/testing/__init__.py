@@ -156,6 +156,7 @@ def write_tiny_qwen(
     vocab_size: int = 256,
     seq_length: int = 64,
     seed: int = 0,
+    weights: bool = True,
     **config_overrides: Any,
 ) -> Path:
     """
@@ -184,6 +185,9 @@ def write_tiny_qwen(
             only act beyond it.
         seed (`int`, *optional*, defaults to 0):
             Seed of the CPU `torch.Generator` the weights are drawn from. Same seed, same config: same bytes.
+        weights (`bool`, *optional*, defaults to `True`):
+            Write `model.safetensors`. Without it the directory holds the code and configs only, for
+            `AutoModelForCausalLM.from_config` at any size (the benchmark builds Qwen-7B shapes that way on the GPU).
         config_overrides (`Any`, *optional*):
             Any other `config.json` key (for example `no_bias=False` or `use_cache=False`).
 
@@ -226,7 +230,8 @@ def write_tiny_qwen(
     ):
         (target / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    save_file(_state_dict(config, seed), str(target / "model.safetensors"), metadata={"format": "pt"})
+    if weights:
+        save_file(_state_dict(config, seed), str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
 
 

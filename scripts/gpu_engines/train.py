@@ -33,11 +33,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-import qwen_ckpt_compat  # noqa: E402  (before from_pretrained: 4.57+ and 5.x need it to load the remote code)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from packaging.version import Version  # noqa: E402
+
+import qwen_ckpt_compat  # noqa: E402  (before from_pretrained: 4.57+ and 5.x need it to load the remote code)
 from qwen_ckpt_compat import (  # noqa: E402
     CompatWarning,
     checkpoint_settings,

@@ -139,23 +139,36 @@ class QWenAttention(nn.Module):
 
         # Additive bias: causal part, then padding (`attention_mask` is already additive).
         causal = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-        bias = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
-        if attention_mask is not None:
-            bias = bias + attention_mask
-        bias = bias.masked_fill(~causal, torch.finfo(query.dtype).min)
         scale = 1.0 / math.sqrt(self.head_dim) if self.scale_attn_weights else 1.0
 
         attn_weights = None
         if output_attentions or head_mask is not None:
+            bias = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
+            if attention_mask is not None:
+                bias = bias + attention_mask
+            bias = bias.masked_fill(~causal, torch.finfo(query.dtype).min)
             scores = torch.matmul(query, key.transpose(-1, -2)) * scale + bias
             attn_weights = self.attn_dropout(torch.softmax(scores.float(), dim=-1).type_as(query))
             if head_mask is not None:
                 attn_weights = attn_weights * head_mask
             context = torch.matmul(attn_weights, value)
         else:
+            # The mask SDPA gets is built the way Qwen v1 builds it when queries and keys line up (no KV cache):
+            # a boolean causal mask of shape (1, 1, q, q) without a padding mask; with one, the additive padding
+            # mask expanded to (batch, 1, q, q) with the causal part filled in. With a KV cache (q < kv) the
+            # fixture keeps its additive bias (Qwen v1 drops the causal part there; one query row is the same).
+            if q_len == kv_len:
+                mask = causal.view(1, 1, q_len, kv_len)
+                if attention_mask is not None:
+                    mask = attention_mask.expand(-1, -1, q_len, -1).masked_fill(~mask, torch.finfo(query.dtype).min)
+            else:
+                mask = torch.zeros(q_len, kv_len, dtype=query.dtype, device=query.device)
+                if attention_mask is not None:
+                    mask = mask + attention_mask
+                mask = mask.masked_fill(~causal, torch.finfo(query.dtype).min)
             dropout_p = self.attn_dropout.p if self.training else 0.0
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, dropout_p=dropout_p, scale=scale
+                query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale
             )
 
         context = context.transpose(1, 2).reshape(hidden_states.shape[0], q_len, self.projection_size)

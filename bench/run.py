@@ -1,0 +1,499 @@
+#!/usr/bin/env python
+"""Peak memory and step time of every checkpointing mode, with Qwen-7B shapes, on one GPU, in one command.
+
+    python bench/run.py --out $OUT              # one H200: about 6 minutes; writes $OUT/bench.json
+    python bench/run.py --tiny --out /tmp/b     # the same pipeline with tiny shapes on the CPU, in seconds
+    python bench/report.py $OUT/bench.json      # docs/performance.md and docs/performance.png from it
+
+Each mode gets a fresh model: Qwen-7B shapes (32 layers, hidden 4096, 32 heads, intermediate 22016, vocabulary
+151936) built from the shipped fixture's remote code with random bf16 weights, allocated directly on the GPU (no
+download, nothing written but the config); LoRA r=8 on c_attn/c_proj/w1/w2; batch 1 of random tokens with an
+all-ones attention mask, as a collator gives; AdamW. Per mode: 2 warm-up steps, then the median of 6 timed steps
+(forward, backward, optimizer step; the device synchronised around each); the peak is ``max_memory_allocated``
+since the mode began (reset after the previous mode was freed). The modes: no checkpointing; transformers' own
+path without this library (a separate process; recorded as not runnable, with the reason, where it fails);
+every library mode (reentrant, non-reentrant, every 2nd block, offload, the memory budget, selective recompute),
+each with and without the fused attention kernel; native Qwen2 of the same shapes with transformers' own
+checkpointing, as the peer. Results are written after every mode, so a run cut short still leaves them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repository as checked out: no install needed
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="qcc-bench-hf-"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+QWEN_TARGETS = ["c_attn", "c_proj", "w1", "w2"]
+NATIVE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+NO_IMPORT_HOOK = "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int  # Qwen v1's: the MLP is half as wide
+    vocab: int
+    seqs: tuple
+    dtype: str
+    device: str
+    warmup: int
+    steps: int
+    budget: str
+    lora_r: int = 8
+
+
+FULL = Shapes(32, 4096, 32, 22016, 151936, (2048, 8192), "bfloat16", "cuda", 2, 6, "70GiB")
+TINY = Shapes(4, 64, 4, 256, 512, (32, 64), "float32", "cpu", 1, 2, "70GiB")
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    kind: str  # "qwen", "native", "transformers_own"
+    prepare: Optional[dict] = None  # prepare_for_lora options; None: the library is not used
+    fused: bool = False
+    description: str = ""
+
+
+def modes(budget: str) -> list:
+    library = [
+        ("reentrant", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, "every block, reentrant"),
+        ("non_reentrant", {}, "every block, non-reentrant (the library default)"),
+        ("every_2nd", {"every_n_layers": 2}, "every 2nd block, non-reentrant"),
+        ("offload", {"offload": True}, "every block, inputs offloaded to pinned host memory"),
+        ("budget", {"memory_budget": budget}, f"memory_budget={budget}, planned from the first step"),
+        ("selective", {"selective": True}, "every block, selective recompute (attention outputs kept)"),
+    ]
+    result = [
+        Mode("no_checkpointing", "qwen", None, description="no checkpointing"),
+        Mode("no_checkpointing+fused", "qwen", {"use_gradient_checkpointing": False, "fused_attention": True}, True,
+             "no checkpointing, fused attention kernel"),
+    ]
+    for name, options, text in library:
+        result.append(Mode(name, "qwen", options, description=text))
+        result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, True, text + ", fused attention"))
+    result.append(Mode("native_qwen2", "native", description="native Qwen2, same shapes, transformers' own non-reentrant checkpointing"))
+    return result
+
+
+@dataclass
+class Result:
+    mode: str
+    seq: int
+    description: str
+    status: str = "ok"  # "ok", "not runnable", "error", "skipped"
+    reason: Optional[str] = None
+    peak_bytes: Optional[int] = None
+    step_s: Optional[float] = None
+    step_times_s: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
+    attention_kernels: list = field(default_factory=list)
+    plan: Optional[dict] = None
+    leftover_bytes: Optional[int] = None
+    wall_s: Optional[float] = None
+
+
+# ------------------------------------------------------------------------------------------- devices
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak(device: torch.device) -> Optional[int]:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _allocated(device: torch.device) -> Optional[int]:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _clean(device: torch.device, collect: bool = True) -> None:
+    if collect:
+        gc.collect()  # models hold reference cycles (hooks, peft): their memory comes back only with a collection
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
+class _AttentionKernels(TorchDispatchMode):
+    """Names the attention kernels a step runs (flash, memory-efficient, math...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if "attention" in name and "backward" not in name:
+            self.names.add(name.replace("aten.", "").replace(".default", ""))
+        return func(*args, **(kwargs or {}))
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+def write_remote_code(shapes: Shapes, folder: Path) -> Path:
+    """Config and remote-code files of the fixture at ``shapes``; no weights (they are built on the device)."""
+    from qwen_ckpt_compat.testing import write_tiny_qwen
+
+    bf16 = shapes.dtype == "bfloat16"
+    return write_tiny_qwen(
+        folder, num_hidden_layers=shapes.layers, hidden_size=shapes.hidden, num_attention_heads=shapes.heads,
+        intermediate_size=shapes.intermediate, vocab_size=shapes.vocab, seq_length=max(shapes.seqs),
+        weights=False, bf16=bf16, fp32=not bf16, torch_dtype=shapes.dtype, use_cache=False,
+    )
+
+
+def build_qwen(shapes: Shapes, code: Path, device: torch.device) -> Any:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(code), trust_remote_code=True)
+    with torch.device(device), _default_dtype(getattr(torch, shapes.dtype)):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=True)
+    return _checked(model, shapes, device)
+
+
+def build_native(shapes: Shapes, device: torch.device) -> Any:
+    import transformers
+
+    if not hasattr(transformers, "Qwen2ForCausalLM"):
+        raise _NotRunnable(f"transformers {transformers.__version__} has no Qwen2ForCausalLM")
+    config = transformers.Qwen2Config(
+        vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.intermediate // 2,
+        num_hidden_layers=shapes.layers, num_attention_heads=shapes.heads, num_key_value_heads=shapes.heads,
+        max_position_embeddings=max(shapes.seqs), tie_word_embeddings=False, use_cache=False,
+    )
+    with torch.device(device), _default_dtype(getattr(torch, shapes.dtype)):
+        model = transformers.Qwen2ForCausalLM(config)
+    return _checked(model, shapes, device)
+
+
+def _checked(model: Any, shapes: Shapes, device: torch.device) -> Any:
+    """The weights were created where they belong, in the benchmark's dtype (never copied there)."""
+    found = {(p.device.type, p.dtype) for p in model.parameters()}
+    if found != {(device.type, getattr(torch, shapes.dtype))}:
+        raise RuntimeError(f"{type(model).__name__} was built with parameters {sorted(map(str, found))}")
+    return model
+
+
+def add_lora(model: Any, targets: list, r: int) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets))
+
+
+def enable_transformers_checkpointing(model: Any, kwargs: Optional[dict]) -> None:
+    """transformers' own enable method (the 5.23+ name where it exists), kwargs where it takes them."""
+    import inspect
+
+    name = "activation_checkpointing_enable" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing_enable"
+    enable = getattr(model, name)
+    parameters = inspect.signature(enable).parameters
+    key = next((p for p in parameters if p.endswith("checkpointing_kwargs")), None)
+    enable(**({key: kwargs} if key and kwargs is not None else {}))
+
+
+class _NotRunnable(Exception):
+    pass
+
+
+def make_batch(shapes: Shapes, seq: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, shapes.vocab, (1, seq), generator=generator).to(device)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+# ------------------------------------------------------------------------------------------ one mode
+
+
+def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, result: Result) -> None:
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=1e-4)
+    for index in range(shapes.warmup + shapes.steps):
+        kernels = _AttentionKernels() if index == 0 else contextlib.nullcontext()
+        _sync(device)
+        start = time.perf_counter()
+        with kernels:
+            loss = model(**batch).loss
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if index == 0:
+            result.attention_kernels = sorted(kernels.names)
+        if index >= shapes.warmup:
+            result.step_times_s.append(round(elapsed, 5))
+        result.losses.append(round(float(loss.detach()), 4))
+    result.step_s = statistics.median(result.step_times_s)
+    result.peak_bytes = _peak(device)
+    del optimizer, parameters
+
+
+def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.device) -> Result:
+    from qwen_ckpt_compat import memory_plan, prepare_for_lora, unpatch
+
+    result = Result(mode.name, seq, mode.description)
+    start = time.perf_counter()
+    model = None
+    try:
+        _clean(device, collect=False)  # the previous mode cleaned up after itself
+        batch = make_batch(shapes, seq, device)
+        if mode.kind == "native":
+            model = build_native(shapes, device)
+            enable_transformers_checkpointing(model, {"use_reentrant": False})
+            model = add_lora(model, NATIVE_TARGETS, shapes.lora_r)
+        else:
+            model = build_qwen(shapes, code, device)
+            if mode.prepare is not None:
+                prepare_for_lora(model, **mode.prepare)
+            model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
+        measure(model, batch, shapes, device, result)
+        plan = memory_plan(model) if mode.kind == "qwen" else None
+        if plan is not None:
+            result.plan = _plan_dict(plan)
+    except _NotRunnable as error:
+        result.status, result.reason = "not runnable", str(error)
+    except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others
+        result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        traceback.print_exc()
+    finally:
+        if model is not None and mode.kind == "qwen":
+            unpatch(model)
+        model = batch = None
+        _clean(device)
+        result.leftover_bytes = _allocated(device)
+        result.wall_s = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _plan_dict(plan: Any) -> dict:
+    data = asdict(plan)
+    data["text"] = str(plan)
+    data["kept"] = plan.count("keep")
+    data["selective"] = plan.count("selective")
+    data["checkpointed"] = plan.count("checkpoint")
+    return data
+
+
+# ------------------------------------------------------------------------------ transformers' own path
+
+
+def transformers_own_check(tiny: Shapes, folder: Path) -> dict:
+    """In a process without this library's hooks: can transformers alone train the remote code with checkpointing?"""
+    from qwen_ckpt_compat.testing import write_tiny_qwen  # the package import installs nothing here
+
+    path = write_tiny_qwen(folder / "tiny-with-weights")
+    stage = "load"
+    try:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=True)
+        stage = "enable checkpointing"
+        enable_transformers_checkpointing(model, None)
+        model.enable_input_require_grads()
+        model = add_lora(model, QWEN_TARGETS, 4)
+        stage = "train step"
+        model.train()
+        batch = make_batch(tiny, 16, torch.device("cpu"))
+        model(**batch).loss.backward()
+        grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
+        if not grads:
+            return {"runnable": False, "reason": f"{stage}: no LoRA parameter received a gradient"}
+    except Exception as error:  # noqa: BLE001 - the failure is the finding
+        return {"runnable": False, "reason": f"{stage}: {type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+    return {"runnable": True, "reason": None}
+
+
+def transformers_own_measure(shapes: Shapes, seq: int, folder: Path, device: torch.device) -> Result:
+    """transformers' own checkpointing on the remote code (reentrant, every layer), where it runs."""
+    result = Result("transformers_own", seq, "transformers' own path, no library (remote code's reentrant checkpointing)")
+    start = time.perf_counter()
+    try:
+        _clean(device)
+        model = build_qwen(shapes, write_remote_code(shapes, folder / "code"), device)
+        enable_transformers_checkpointing(model, None)
+        model.enable_input_require_grads()
+        model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
+        measure(model, make_batch(shapes, seq, device), shapes, device, result)
+    except Exception as error:  # noqa: BLE001
+        result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+    finally:
+        model = None
+        _clean(device)
+        result.wall_s = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _child(arguments: list) -> subprocess.Popen:
+    env = {**os.environ, NO_IMPORT_HOOK: "1", "HF_HOME": tempfile.mkdtemp(prefix="qcc-bench-child-hf-")}
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *arguments], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _child_json(process: subprocess.Popen, timeout: float) -> Any:
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return {"runnable": False, "reason": f"the check did not finish within {timeout:.0f} s"}
+    lines = [line for line in out.splitlines() if line.startswith("{") or line.startswith("[")]
+    if process.returncode != 0 or not lines:
+        last = (err.strip().splitlines() or ["no output"])[-1]
+        return {"runnable": False, "reason": f"the check process failed (exit {process.returncode}): {last[:300]}"}
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def versions() -> dict:
+    import importlib.metadata as metadata
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "peft", "accelerate", "qwen-ckpt-compat"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    from qwen_ckpt_compat import __version__
+
+    found["qwen-ckpt-compat (tree)"] = __version__
+    found["cuda"] = torch.version.cuda
+    return found
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="folder for bench.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: the pipeline in seconds")
+    parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default: 2048 8192; tiny: 32 64)")
+    parser.add_argument("--only", nargs="+", help="run only these modes (names as in the JSON)")
+    parser.add_argument("--deadline", type=float, default=510.0, help="seconds; modes not started by then are skipped")
+    parser.add_argument("--transformers-own-check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--transformers-own-measure", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    began = time.monotonic()
+    shapes = TINY if args.tiny else FULL
+    if args.seq:
+        shapes = Shapes(**{**asdict(shapes), "seqs": tuple(args.seq)})
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="qcc-bench-"))
+
+    if args.transformers_own_check:  # child process, library hooks off
+        print(json.dumps(transformers_own_check(TINY, work)))
+        return 0
+    device = torch.device(shapes.device if shapes.device == "cpu" or torch.cuda.is_available() else "cpu")
+    if args.transformers_own_measure:  # child process, library hooks off
+        print(json.dumps([asdict(transformers_own_measure(shapes, seq, work, device)) for seq in shapes.seqs]))
+        return 0
+    if device.type != shapes.device:
+        print(f"no {shapes.device} device here; use --tiny for a CPU run", file=sys.stderr)
+        return 2
+
+    import peft  # noqa: F401 - imported before gc.freeze(), like transformers below
+    import transformers  # noqa: F401
+
+    torch.manual_seed(0)
+    check = _child(["--transformers-own-check", "--out", str(work)])  # runs on the CPU beside the GPU modes
+    code = write_remote_code(shapes, work / "code")
+    report = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+            "versions": versions(),
+            "git_commit": _git_commit(),
+            "shapes": asdict(shapes),
+            "tiny": args.tiny,
+        },
+        "results": [],
+    }
+    out_file = args.out / "bench.json"
+    gc.freeze()  # what is alive now stays: each mode's collection then only walks that mode's objects
+
+    def save() -> None:
+        report["meta"]["wall_s"] = round(time.monotonic() - began, 1)
+        out_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+    selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
+    for seq in sorted(shapes.seqs, reverse=True):  # the longest first: it matters most if time runs out
+        for mode in selected:
+            if time.monotonic() - began > args.deadline:
+                result = Result(mode.name, seq, mode.description, status="skipped", reason=f"time limit ({args.deadline:.0f} s)")
+            else:
+                result = run_mode(mode, seq, shapes, code, device)
+            report["results"].append(asdict(result))
+            print(f"{seq:>6} {mode.name:<28} {result.status:<8} peak={result.peak_bytes} step={result.step_s}", flush=True)
+            save()
+
+    if not args.only or "transformers_own" in args.only:
+        verdict = _child_json(check, timeout=max(30.0, args.deadline - (time.monotonic() - began)))
+        report["meta"]["transformers_own"] = verdict
+        if verdict["runnable"] and time.monotonic() - began < args.deadline:
+            measured = _child_json(_child(["--transformers-own-measure", "--out", str(work), *(["--tiny"] if args.tiny else []),
+                                           "--seq", *map(str, shapes.seqs)]), timeout=args.deadline)
+            rows = measured if isinstance(measured, list) else []
+            report["results"] += rows or [asdict(Result("transformers_own", s, "transformers' own path", "error", str(measured))) for s in shapes.seqs]
+        else:
+            status = "not runnable" if not verdict["runnable"] else "skipped"
+            reason = verdict["reason"] or f"time limit ({args.deadline:.0f} s)"
+            report["results"] += [asdict(Result("transformers_own", s, "transformers' own path, no library", status, reason)) for s in shapes.seqs]
+    else:
+        check.kill()
+    save()
+    print(f"wrote {out_file} in {time.monotonic() - began:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

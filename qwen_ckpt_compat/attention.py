@@ -1,0 +1,176 @@
+"""The fused causal attention kernel for Qwen v1's remote attention (opt-in: ``fused_attention=True``).
+
+Qwen v1's attention calls ``torch.nn.functional.scaled_dot_product_attention`` with an explicit mask: a boolean
+causal mask, or, when a padding mask is given (``Trainer``'s collators always give one), the additive padding
+mask expanded to ``(batch, 1, q, q)`` with the causal part filled in. An explicit mask rules out the flash
+kernel, which only does the causal pattern itself (``is_causal=True``); at 8,192 tokens that is the difference
+between Qwen v1 and a native Qwen2 model of the same shape.
+
+With the option on, an attention call whose mask can only be the causal pattern runs SDPA with
+``attn_mask=None, is_causal=True`` instead. That is the case when
+
+* no KV cache is in play (``layer_past`` is ``None``), so queries and keys line up (the mask is ``q x q``);
+* the padding mask is absent or masks nothing (its additive form is all zeros: an all-ones ``attention_mask``);
+* the mask SDPA receives has the causal pattern. That is checked on its values the first time a mask of a given
+  shape, dtype and device is seen (one comparison and one host sync), and trusted for the same shape afterwards.
+
+Every other call (a padded batch, generation with a cache, ``output_attentions``, the flash-attn package's own
+path) runs the remote code unchanged. Nothing process-wide is touched: the rewrite lives in a
+``TorchFunctionMode`` entered only around the forward of an opted-in attention module, and it rewrites only the
+SDPA call with that mask; the class-level ``__call__`` wrapper is installed and removed with the model's patch
+(:func:`qwen_ckpt_compat.patch` / :func:`~qwen_ckpt_compat.unpatch`).
+
+The result is mathematically the same attention (masked scores get zero weight either way), but a different
+kernel computes it, so the numbers agree to rounding, not bit for bit: that is why this is an option, not the
+default.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from typing import Any, Callable, Optional
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["ATTENTION_CLASS_NAMES", "attention_modules", "clear", "fused_attention_call", "set_fused_attention"]
+
+#: Remote attention classes whose SDPA mask is known (Qwen v1, Qwen-VL and Qwen-Audio share it).
+ATTENTION_CLASS_NAMES: tuple[str, ...] = ("QWenAttention",)
+
+FLAG = "_qcc_fused_attention"
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+# (shape, dtype, device) of the masks checked to hold the causal pattern, and the answer.
+_CHECKED_MASKS: dict = {}
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The attention modules of ``model`` whose mask this module knows, in model order."""
+    return [module for module in model.modules() if type(module).__name__ in ATTENTION_CLASS_NAMES]
+
+
+def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
+    """Turns the fused kernel on or off for the attention modules of ``model``; returns how many there are.
+
+    ``wrap(cls, name, wrapper)`` installs a class-level wrapper once (the model's patch registry, so that
+    ``unpatch`` removes it).
+    """
+    modules = attention_modules(model)
+    for module in modules:
+        if enabled:
+            wrap(type(module), "__call__", fused_attention_call)
+            module.__dict__[FLAG] = True
+        else:
+            module.__dict__.pop(FLAG, None)
+    return len(modules)
+
+
+def clear(model: torch.nn.Module) -> None:
+    """Removes this module's per-instance flag from every submodule of ``model``."""
+    for module in model.modules():
+        module.__dict__.pop(FLAG, None)
+
+
+# ------------------------------------------------------------------------------------------- the wrapper
+
+
+def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """wrapt wrapper for the attention's ``__call__``: the causal SDPA rewrite, where it is exact."""
+    if not instance.__dict__.get(FLAG) or not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
+        return wrapped(*args, **kwargs)
+    with _CausalAttention():
+        return wrapped(*args, **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _parameter_names(forward: Callable) -> tuple[str, ...]:
+    try:
+        return tuple(inspect.signature(forward).parameters)[1:]  # without `self`
+    except (TypeError, ValueError):  # pragma: no cover - a forward without a signature
+        return ()
+
+
+def _argument(forward: Callable, args: tuple, kwargs: dict, name: str) -> Any:
+    if name in kwargs:
+        return kwargs[name]
+    names = _parameter_names(forward)
+    if name in names and names.index(name) < len(args):
+        return args[names.index(name)]
+    return None
+
+
+def _mask_can_only_be_causal(forward: Callable, args: tuple, kwargs: dict) -> bool:
+    if _argument(forward, args, kwargs, "layer_past") is not None:
+        return False
+    if _argument(forward, args, kwargs, "output_attentions"):
+        return False
+    mask = _argument(forward, args, kwargs, "attention_mask")
+    return mask is None or (isinstance(mask, torch.Tensor) and _masks_nothing(mask))
+
+
+# The padding mask is the same tensor for every block of a forward (and for the recompute of a checkpointed
+# block): one check per forward, by identity and version.
+_LAST_PADDING_MASK: list = [None, -1, False]  # weakref, version, answer
+
+
+def _masks_nothing(mask: torch.Tensor) -> bool:
+    """Whether an additive padding mask is all zeros (every position may be attended to)."""
+    ref, version, answer = _LAST_PADDING_MASK
+    if ref is not None and ref() is mask and version == mask._version:
+        return answer
+    answer = not bool(torch.count_nonzero(mask))
+    _LAST_PADDING_MASK[:] = [weakref.ref(mask), mask._version, answer]
+    return answer
+
+
+class _CausalAttention(TorchFunctionMode):
+    """Within one attention forward: the SDPA call whose mask is the causal pattern gets ``is_causal=True``."""
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is _SDPA:
+            rewritten = _causal_arguments(args, kwargs)
+            if rewritten is not None:
+                return func(*rewritten[0], **rewritten[1])
+        return func(*args, **kwargs)
+
+
+_SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _causal_arguments(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    """SDPA's arguments with the mask replaced by ``is_causal=True``, or ``None`` when that would not be exact."""
+    bound = dict(zip(_SDPA_PARAMETERS, args))
+    bound.update(kwargs)
+    query, key, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
+    if bound.get("is_causal") or not all(isinstance(t, torch.Tensor) for t in (query, key, mask)):
+        return None
+    assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(mask, torch.Tensor)
+    length = query.shape[-2]
+    if key.shape[-2] != length or mask.dim() > 4 or tuple(mask.shape[-2:]) != (length, length):
+        return None
+    if not _is_causal_pattern(mask):
+        return None
+    bound["attn_mask"] = None
+    bound["is_causal"] = True
+    return (bound.pop("query"), bound.pop("key"), bound.pop("value")), bound
+
+
+def _is_causal_pattern(mask: torch.Tensor) -> bool:
+    """Whether ``mask`` lets each query see exactly the keys at or before it (checked once per shape)."""
+    signature = (tuple(mask.shape), mask.dtype, mask.device)
+    if signature not in _CHECKED_MASKS:
+        length = mask.shape[-1]
+        causal = torch.ones(length, length, dtype=torch.bool, device=mask.device).tril().expand(mask.shape)
+        if mask.dtype == torch.bool:
+            answer = torch.equal(mask, causal)
+        elif mask.is_floating_point():
+            # Allowed scores get 0 added; the others at most the dtype's minimum (or -inf): zero weight either way.
+            blocked = mask <= torch.finfo(mask.dtype).min
+            answer = torch.equal(mask == 0, causal) and torch.equal(blocked, ~causal)
+        else:
+            answer = False
+        _CHECKED_MASKS[signature] = answer
+    return _CHECKED_MASKS[signature]

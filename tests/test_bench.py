@@ -1,0 +1,83 @@
+"""The benchmark runs end to end on the CPU with tiny shapes and its report renders: it cannot rot unnoticed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN_MODES = [
+    f"{name}{suffix}"
+    for name in ("no_checkpointing", "reentrant", "non_reentrant", "every_2nd", "offload", "budget", "selective")
+    for suffix in ("", "+fused")
+]
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    process = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert process.returncode == 0, process.stdout[-2000:] + process.stderr[-4000:]
+    return process
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    _run("bench/run.py", "--tiny", "--seq", "32", "--out", str(out))
+    return out / "bench.json"
+
+
+def test_every_mode_runs(tiny_report):
+    report = json.loads(tiny_report.read_text())
+    rows = {row["mode"]: row for row in report["results"]}
+    assert set(rows) == {*QWEN_MODES, "native_qwen2", "transformers_own"}
+    shapes = report["meta"]["shapes"]
+    for name in [*QWEN_MODES, "native_qwen2"]:
+        row = rows[name]
+        assert row["status"] in ("ok", "not runnable"), (name, row["reason"])
+        if row["status"] != "ok":
+            assert name == "native_qwen2" and "Qwen2ForCausalLM" in row["reason"]
+            continue
+        assert len(row["step_times_s"]) == shapes["steps"] and row["step_s"] > 0
+        assert len(row["losses"]) == shapes["warmup"] + shapes["steps"]
+        assert all(math.isfinite(loss) and loss > 0 for loss in row["losses"])
+    for name in QWEN_MODES:
+        assert rows[name]["attention_kernels"], f"{name}: the fixture's attention runs through SDPA"
+    for name in ("budget", "budget+fused"):
+        assert rows[name]["plan"]["status"] == "unmeasurable", "no memory statistics on the CPU"
+        assert rows[name]["plan"]["decisions"] == ["checkpoint"] * shapes["layers"]
+    verdict = report["meta"]["transformers_own"]
+    own = rows["transformers_own"]
+    if verdict["runnable"]:
+        assert own["status"] == "ok" and own["step_s"] > 0
+    else:
+        assert own["status"] == "not runnable" and own["reason"] == verdict["reason"] and verdict["reason"]
+
+
+def test_report_renders(tiny_report, tmp_path):
+    _run("bench/report.py", str(tiny_report), "--docs", str(tmp_path))
+    page = (tmp_path / "performance.md").read_text()
+    assert "a pipeline check, not a measurement" in page
+    for name in [*QWEN_MODES, "native_qwen2", "transformers_own"]:
+        assert f"`{name}`" in page
+    assert "memory plan for batch 1 x 32 tokens" in page
+
+
+def test_plot_is_drawn_where_there_are_peaks(tiny_report, tmp_path):
+    """A rendering check: the CPU has no peaks, so peaks are filled in (by step time) to exercise the plot."""
+    pytest.importorskip("matplotlib")
+    report = json.loads(tiny_report.read_text())
+    for row in report["results"]:
+        if row["status"] == "ok":
+            row["peak_bytes"] = int(row["step_s"] * 2**30)
+    source = tmp_path / "with-peaks.json"
+    source.write_text(json.dumps(report))
+    _run("bench/report.py", str(source), "--docs", str(tmp_path))
+    assert (tmp_path / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![peak memory against step time" in (tmp_path / "performance.md").read_text()

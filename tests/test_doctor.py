@@ -1,0 +1,520 @@
+"""`qwen-ckpt-compat doctor`: what it reads, what it says, its exit status, its JSON and its command line.
+
+What the problems it reports *mean* on each transformers release is checked in test_doctor_release.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from doctor_fixtures import (
+    SUPPORTED_KEYWORDS,
+    cache_repo,
+    edit_config,
+    prepend,
+    schema_keywords,
+    validation_errors,
+    write_family,
+    write_native,
+    write_qwen,
+)
+from helpers import TRANSFORMERS
+from packaging.version import Version
+
+from qwen_ckpt_compat import doctor
+from qwen_ckpt_compat.doctor import SCHEMA_PATH, diagnose, render_text, run
+from qwen_ckpt_compat.testing import REMOTE_CODE_FILES
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
+FAMILY_PROBLEM_IDS = {"config-attribute-missing", "checkpointing-enabled-on-load", "load-raises-enable-typeerror",
+                      "internlm-nan-loss"}
+
+
+def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m qwen_ckpt_compat doctor ...`` in a fresh interpreter."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    environment.pop("NO_COLOR", None)
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_ckpt_compat", "doctor", *args],
+        capture_output=True, text=True, env=environment, cwd=cwd, timeout=300, check=False,
+    )
+
+
+def _assert_valid(document: dict) -> None:
+    errors = validation_errors(document, SCHEMA)
+    assert not errors, errors
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    return write_qwen(tmp_path_factory.mktemp("doctor-qwen"))
+
+
+@pytest.fixture(scope="module")
+def qwen_report(qwen_dir):
+    return diagnose(str(qwen_dir))
+
+
+# --- what it reads ---------------------------------------------------------------------------------------
+
+
+def test_tiny_qwen_model_facts(qwen_report, qwen_dir):
+    model = qwen_report.model
+    assert qwen_report.error is None and qwen_report.source == "directory"
+    assert model["remote_code"] is True and model["model_type"] == model["family"] == "qwen"
+    assert model["model_class"] == "QWenLMHeadModel" and model["model_file"] == "modeling_qwen.py"
+    assert model["old_gradient_checkpointing_api"] is True
+    assert model["checkpointing_class"] == "QWenPreTrainedModel"
+    assert model["checkpointing_signature"] == "QWenPreTrainedModel._set_gradient_checkpointing(self, module, value)"
+    assert model["checkpointing_owners"] == ["QWenModel"]
+    assert model["decoder_blocks"] == ["QWenBlock"]
+    assert model["supports_gradient_checkpointing"] is True
+    assert model["qwen_style_remote_code"] is True
+    # config.json's model and config classes, the tokenizer from tokenizer_config.json, the relative import
+    assert model["code_files"] == sorted(REMOTE_CODE_FILES)
+
+
+def test_reading_never_runs_the_remote_code_nor_loads_weights(tmp_path):
+    path = write_qwen(tmp_path / "model")
+    marker = tmp_path / "the remote code ran"
+    for name in REMOTE_CODE_FILES:
+        prepend(path / name, f"open({str(marker)!r}, 'w').close()\n")
+    (path / "model.safetensors").write_bytes(b"not a safetensors file")
+    before = {name for name in sys.modules if name.startswith("transformers_modules")}
+
+    report = diagnose(str(path))
+
+    assert report.error is None and report.model["decoder_blocks"] == ["QWenBlock"]
+    assert not marker.exists()
+    assert {name for name in sys.modules if name.startswith("transformers_modules")} == before
+
+
+def test_native_model(tmp_path):
+    report = diagnose(str(write_native(tmp_path / "llama")))
+    model = report.model
+    assert model["remote_code"] is False and model["family"] == "llama" and model["model_class"] is None
+    assert model["old_gradient_checkpointing_api"] is False and model["checkpointing_class"] is None
+    assert model["decoder_blocks"] == ["LlamaDecoderLayer"]  # asked of transformers' own LlamaForCausalLM
+    assert model["supports_gradient_checkpointing"] is True
+    assert not {"old-gc-api-kwargs-ignored", "old-gc-api-enable-typeerror", "lora-no-input-grads"} & set(report.ids)
+
+
+@pytest.mark.skipif(TRANSFORMERS >= Version("4.37"), reason="qwen2 exists in transformers >= 4.37")
+def test_native_model_type_this_transformers_does_not_have(tmp_path):
+    from transformers import AutoConfig
+
+    path = write_native(tmp_path / "qwen2", model_type="qwen2")
+    report = diagnose(str(path))
+    assert report.problem("unknown-model-type").needs_action and report.exit_status == 1
+    with pytest.raises((KeyError, ValueError)):  # what transformers itself does with it
+        AutoConfig.from_pretrained(str(path))
+
+
+def test_remote_code_without_auto_map(tmp_path):
+    """The .py files are there, but config.json does not name them: transformers cannot load it."""
+    from transformers import AutoConfig
+
+    path = edit_config(write_qwen(tmp_path / "model"), drop=("auto_map",))
+    report = diagnose(str(path))
+    problem = report.problem("unknown-model-type")
+    assert report.model["remote_code"] is False and problem.needs_action and report.exit_status == 1
+    assert "modeling_qwen.py" in problem.fix and "auto_map" in problem.fix
+    with pytest.raises((KeyError, ValueError)):
+        AutoConfig.from_pretrained(str(path), trust_remote_code=True)
+
+
+@pytest.mark.parametrize("family", ["chatglm", "baichuan", "internlm"])
+def test_family_other_than_qwen(tmp_path, family):
+    from transformers import PretrainedConfig
+
+    path = write_family(tmp_path / family, family)
+    report = diagnose(str(path))
+    model = report.model
+    prefix = {"chatglm": "ChatGLM", "baichuan": "Baichuan", "internlm": "InternLM"}[family]
+    assert report.error is None
+    assert model["family"] == family and model["remote_code"] and model["model_class"] == f"{prefix}ForCausalLM"
+    assert model["old_gradient_checkpointing_api"] and model["checkpointing_class"] == f"{prefix}PreTrainedModel"
+    assert model["checkpointing_owners"] == [{"chatglm": "GLMTransformer"}.get(family, f"{prefix}Model")]
+    assert model["decoder_blocks"] == [
+        {"chatglm": "GLMBlock", "baichuan": "BaichuanLayer", "internlm": "InternLMDecoderLayer"}[family]
+    ]
+    assert model["qwen_style_remote_code"] is False
+    # the old-API problem of this release, as for Qwen: exactly one of the three
+    assert len({"old-gc-api-reentrant-only", "old-gc-api-enable-typeerror", "old-gc-api-kwargs-ignored"} & set(report.ids)) == 1
+
+    found = FAMILY_PROBLEM_IDS & set(report.ids)
+    if family == "chatglm":
+        # FAMILIES_FACTS.md: ChatGLM reads config.max_length, which 5.x's PretrainedConfig no longer has.
+        lacks = not hasattr(PretrainedConfig(), "max_length")
+        assert found == ({"config-attribute-missing"} if lacks else set())
+        if lacks:
+            problem = report.problem("config-attribute-missing")
+            assert problem.subject == "max_length" and problem.needs_action and "config.json" in problem.fix
+    elif family == "baichuan":
+        assert found in ({"checkpointing-enabled-on-load"}, {"load-raises-enable-typeerror"})
+        assert ("load-raises-enable-typeerror" in found) == ("old-gc-api-enable-typeerror" in report.ids)
+        assert "tuple" in (report.problem("checkpointing-enabled-on-load") or report.problem("load-raises-enable-typeerror")).summary
+    else:
+        assert found == ({"internlm-nan-loss"} if TRANSFORMERS >= Version("5.0") else set())
+
+
+def test_family_facts_are_for_the_families_the_doctor_names():
+    assert {fact.family for fact in doctor.FAMILY_FACTS} <= {"internlm", "qwen-vl", "chatglm", "baichuan"}
+    assert {fact.id for fact in doctor.FAMILY_FACTS} <= doctor.PROBLEM_IDS
+
+
+def test_every_problem_id_is_declared_and_documented():
+    """Ids the code can emit are in PROBLEM_IDS (read off the source), and each has a row in docs/doctor.md."""
+    import ast
+
+    def ids_in(node):  # "id", or `"a" if condition else "b"`
+        if isinstance(node, ast.IfExp):
+            return ids_in(node.body) | ids_in(node.orelse)
+        return {node.value} if isinstance(node, ast.Constant) else set()
+
+    emitted = set()
+    for path in Path(doctor.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            position = {"add": 0, "Problem": 0, "FamilyFact": 1}.get(name)
+            if position is not None and len(node.args) > position:
+                emitted |= ids_in(node.args[position])
+    assert len(emitted) > 20 and emitted <= doctor.PROBLEM_IDS, emitted - doctor.PROBLEM_IDS
+    documented = (ROOT / "docs" / "doctor.md").read_text()
+    assert not [i for i in doctor.PROBLEM_IDS if f"`{i}`" not in documented]
+    with pytest.raises(ValueError, match="unknown problem id"):
+        doctor.Problem("no-such-problem", "summary", "fix")
+
+
+def test_json_example_in_the_docs_follows_the_schema():
+    text = (ROOT / "docs" / "doctor.md").read_text()
+    example = json.loads(text.split("```json\n")[1].split("```")[0])
+    _assert_valid(example)
+    assert example["model"]["decoder_blocks"] == ["QWenBlock"]
+
+
+def test_qwen_vl_is_told_apart_by_its_visual_config(tmp_path):
+    path = edit_config(write_qwen(tmp_path / "vl"), visual={"image_size": 448})
+    report = diagnose(str(path))
+    assert report.model["family"] == "qwen-vl" and report.model["model_type"] == "qwen"
+    assert "qwen-vl-vision-not-checkpointed" in report.ids
+
+
+def test_blocks_unknown_or_absent(tmp_path):
+    path = write_qwen(tmp_path / "model")
+    modeling = path / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text().replace('_no_split_modules = ["QWenBlock"]', "_no_split_modules = None"))
+    report = diagnose(str(path))
+    assert report.model["decoder_blocks"] is None  # not a literal list: unknown, nothing claimed
+
+    modeling.write_text(modeling.read_text().replace("    _no_split_modules = None\n", ""))
+    report = diagnose(str(path))
+    assert report.model["decoder_blocks"] == []
+    assert report.problem("options-not-honoured").needs_action is False  # reentrant only, even with the library
+
+
+def test_supports_gradient_checkpointing_false(tmp_path):
+    path = write_qwen(tmp_path / "model")
+    modeling = path / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text().replace("supports_gradient_checkpointing = True", "supports_gradient_checkpointing = False"))
+    report = diagnose(str(path))
+    assert report.model["supports_gradient_checkpointing"] is False
+    assert report.problem("checkpointing-not-supported").needs_action and report.exit_status == 1
+
+
+def test_new_api_remote_code_is_not_old_api(tmp_path):
+    path = write_qwen(tmp_path / "model")
+    modeling = path / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text().replace(
+        "def _set_gradient_checkpointing(self, module, value=False):",
+        "def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=None):",
+    ).replace("module.gradient_checkpointing = value", "module.gradient_checkpointing = enable"))
+    report = diagnose(str(path))
+    assert report.model["old_gradient_checkpointing_api"] is False and report.model["checkpointing_class"] is None
+
+
+def test_missing_packages_and_removed_imports_are_named(tmp_path):
+    path = write_qwen(tmp_path / "model")
+    prepend(path / "modeling_qwen.py", "import qcc_no_such_package_top\ntry:\n    import qcc_optional_package\nexcept ImportError:\n    pass\n")
+    modeling = path / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text() + "\n\ndef _old():\n    from transformers import QccNoSuchName\n")
+    report = diagnose(str(path))
+    missing = [p for p in report.problems if p.id == "missing-package"]
+    assert [p.subject for p in missing] == ["qcc_no_such_package_top"]  # the guarded import is not demanded
+    assert missing[0].needs_action and "pip install qcc_no_such_package_top" in missing[0].fix
+    removed = report.problem("removed-transformers-import")
+    assert removed.subject == "transformers.QccNoSuchName" and "_old()" in removed.summary
+    assert not removed.needs_action  # only calling _old() fails
+
+
+# --- bad input: exit status 2, one message naming the path ----------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict:
+    cases = {}
+    cases["missing directory"] = (tmp_path / "nowhere", tmp_path / "nowhere", "no such directory")
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("x")
+    cases["a file"] = (a_file, a_file, "is a file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases["no config.json"] = (empty, empty / "config.json", "is missing")
+    broken = write_qwen(tmp_path / "broken_json")
+    (broken / "config.json").write_text('{"model_type": "qwen",\n "auto_map": }')
+    cases["broken JSON"] = (broken, broken / "config.json", "not valid JSON (line 2, column")
+    listed = write_qwen(tmp_path / "list_json")
+    (listed / "config.json").write_text("[1, 2]")
+    cases["JSON list"] = (listed, listed / "config.json", "must hold a JSON object")
+    no_code = write_qwen(tmp_path / "no_modeling")
+    (no_code / "modeling_qwen.py").unlink()
+    cases["missing modeling file"] = (no_code, no_code / "modeling_qwen.py", "missing")
+    no_sibling = write_qwen(tmp_path / "no_sibling")
+    (no_sibling / "qwen_generation_utils.py").unlink()
+    cases["missing sibling file"] = (no_sibling, no_sibling / "qwen_generation_utils.py", "modeling_qwen.py (line 21")
+    syntax = write_qwen(tmp_path / "syntax_error")
+    prepend(syntax / "modeling_qwen.py", "def broken(:\n")
+    cases["syntax error"] = (syntax, syntax / "modeling_qwen.py", "not valid Python (line 1")
+    bad_map = edit_config(write_qwen(tmp_path / "bad_auto_map"), auto_map={"AutoModelForCausalLM": "QWenLMHeadModel"})
+    cases["bad auto_map"] = (bad_map, bad_map / "config.json", "auto_map")
+    no_class = edit_config(write_qwen(tmp_path / "no_class"), auto_map={"AutoModelForCausalLM": "modeling_qwen.Nope"})
+    cases["class not in file"] = (no_class, no_class / "modeling_qwen.py", "defines no class Nope")
+    return cases
+
+
+def test_bad_input_exits_2_naming_the_path(tmp_path):
+    for name, (argument, path, words) in _bad_inputs(tmp_path).items():
+        report = diagnose(str(argument))
+        assert report.exit_status == 2, name
+        assert report.error.path == str(path), name
+        assert words in report.error.message, (name, report.error.message)
+        _assert_valid(report.to_json())
+
+
+def test_bad_input_through_the_command_line_has_no_traceback(tmp_path):
+    syntax = write_qwen(tmp_path / "syntax_error")
+    prepend(syntax / "modeling_qwen.py", "def broken(:\n")
+    for argument, extra in ((tmp_path / "nowhere", []), (syntax, ["--json"])):
+        result = _cli(str(argument), *extra)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("qwen-ckpt-compat doctor: cannot read ")
+    document = json.loads(result.stdout)
+    assert document["exit_status"] == 2 and document["error"]["path"] == str(syntax / "modeling_qwen.py")
+    _assert_valid(document)
+
+
+# --- JSON ------------------------------------------------------------------------------------------------
+
+
+def test_schema_uses_only_keywords_the_test_validator_checks():
+    assert schema_keywords(SCHEMA) <= SUPPORTED_KEYWORDS
+
+
+def test_reports_validate_against_the_schema(qwen_report, tmp_path):
+    for report in (qwen_report, diagnose(None), diagnose(str(write_native(tmp_path / "llama"))),
+                   diagnose(str(write_family(tmp_path / "glm", "chatglm")))):
+        document = json.loads(json.dumps(report.to_json()))
+        _assert_valid(document)
+        assert document["schema_version"] == 1 and document["exit_status"] == report.exit_status
+
+
+def test_schema_validator_rejects_what_the_schema_forbids(qwen_report):
+    good = json.loads(json.dumps(qwen_report.to_json()))
+    assert good["problems"], "the tiny model has at least one problem on every release"
+    mutations = {
+        "missing required": lambda d: d.pop("versions"),
+        "wrong type": lambda d: d["model"].__setitem__("old_gradient_checkpointing_api", "yes"),
+        "extra property": lambda d: d["problems"][0].__setitem__("severity", "high"),
+        "bad enum": lambda d: d["problems"][0].__setitem__("fixed_by", "magic"),
+        "bad id": lambda d: d["problems"][0].__setitem__("id", "Not An Id"),
+        "bad const": lambda d: d.__setitem__("schema_version", 2),
+        "bad exit": lambda d: d.__setitem__("exit_status", 3),
+        "decoder blocks not strings": lambda d: d["model"].__setitem__("decoder_blocks", [1]),
+    }
+    for name, mutate in mutations.items():
+        document = json.loads(json.dumps(good))
+        mutate(document)
+        assert validation_errors(document, SCHEMA), name
+
+
+def test_problem_fields_agree(qwen_report, tmp_path):
+    reports = [qwen_report, diagnose(str(write_family(tmp_path / "b", "baichuan")))]
+    for report in reports:
+        for problem in report.problems:
+            document = problem.to_json()
+            assert document["fixed_by_library"] is (problem.fixed_by is not None)
+            assert "\n" not in problem.summary and problem.fix
+    with pytest.raises(ValueError):
+        doctor.Problem("missing-package", "y", "z", fixed_by="magic")
+
+
+def test_exit_status_follows_needs_action(qwen_report):
+    needs = any(p.needs_action for p in qwen_report.problems)
+    assert qwen_report.exit_status == (1 if needs else 0)
+
+
+# --- human output ----------------------------------------------------------------------------------------
+
+
+def test_text_output_is_short_and_names_each_problem(qwen_report):
+    text = render_text(qwen_report)
+    assert "\033[" not in text
+    assert "QWenPreTrainedModel._set_gradient_checkpointing(self, module, value)" in text
+    for problem in qwen_report.problems:
+        assert f"{problem.id}: " in text
+    assert len(text.splitlines()) < 60
+    assert max(len(line) for line in text.splitlines()) <= 130
+
+
+def test_colour_only_when_asked_or_on_a_terminal(qwen_dir, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    outputs = {}
+    for name, stream, choice in (("pipe", io.StringIO(), "auto"), ("always", io.StringIO(), "always"),
+                                 ("tty", Terminal(), "auto"), ("tty never", Terminal(), "never")):
+        run(str(qwen_dir), colour=choice, out=stream, err=io.StringIO())
+        outputs[name] = stream.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    stream = Terminal()
+    run(str(qwen_dir), out=stream, err=io.StringIO())
+    outputs["tty NO_COLOR"] = stream.getvalue()
+    assert {name for name, text in outputs.items() if "\033[" in text} == {"always", "tty"}
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+def test_colour_on_a_real_terminal(tmp_path):
+    """The command itself, writing to a pseudo-terminal: coloured (environment only, transformers shadowed: fast)."""
+    import pty
+
+    leader, follower = pty.openpty()
+    environment = dict(os.environ, **_shadow(tmp_path, "transformers", "ImportError('shadowed')"))
+    environment.pop("NO_COLOR", None)
+    process = subprocess.Popen([sys.executable, "-m", "qwen_ckpt_compat", "doctor"],
+                               stdout=follower, stderr=subprocess.DEVNULL, env=environment)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=300) == 1
+    os.close(leader)
+    output = b"".join(chunks)
+    assert b"transformers-unusable" in output and b"\033[" in output
+
+
+# --- through the command line ----------------------------------------------------------------------------
+
+
+def test_command_line_json_on_the_tiny_model(qwen_dir, qwen_report):
+    result = _cli(str(qwen_dir), "--json")
+    assert "Traceback" not in result.stderr
+    document = json.loads(result.stdout)
+    _assert_valid(document)
+    assert result.returncode == document["exit_status"] == qwen_report.exit_status
+    assert [p["id"] for p in document["problems"]] == qwen_report.ids
+    assert "\033[" not in result.stdout
+
+
+def test_console_script_entry_point_runs_doctor():
+    from qwen_ckpt_compat.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "--help"])
+    assert exit_info.value.code == 0
+
+
+def test_hub_id_from_the_local_cache_only(tmp_path, qwen_dir):
+    home = tmp_path / "hf-home"
+    cache_repo(home / "hub", "someone/tiny-qwen", qwen_dir)
+    # code in another repo: "repo--module.Class" (as some Qwen derivatives and ChatGLM checkpoints do)
+    split = write_qwen(tmp_path / "split")
+    for name in REMOTE_CODE_FILES:
+        (split / name).unlink()
+    edit_config(split, auto_map={"AutoConfig": "someone/tiny-qwen--configuration_qwen.QWenConfig",
+                                 "AutoModelForCausalLM": "someone/tiny-qwen--modeling_qwen.QWenLMHeadModel"})
+    (split / "tokenizer_config.json").unlink()
+    cache_repo(home / "hub", "someone/weights-only", split)
+    env = {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        env[variable] = str(home / "hub")
+
+    # one run covers both: the model from the cache, its code from another cached repo
+    result = _cli("someone/weights-only", "--json", env=env, cwd=tmp_path)
+    document = json.loads(result.stdout)
+    assert document["input"]["source"] == "hub-cache", result.stderr
+    assert Path(document["input"]["path"]).parent.parent.name == "models--someone--weights-only"
+    assert document["model"]["model_class"] == "QWenLMHeadModel"
+    assert document["model"]["old_gradient_checkpointing_api"] is True
+    assert document["model"]["decoder_blocks"] == ["QWenBlock"]
+    assert result.returncode == document["exit_status"] != 2
+
+    missing = _cli("someone/not-cached", env=env, cwd=tmp_path)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "'someone/not-cached' is not in the local cache" in missing.stderr
+    assert "never downloads" in missing.stderr
+
+
+def _shadow(tmp_path: Path, package: str, error: str) -> dict:
+    shadow = tmp_path / f"shadow-{package}"
+    (shadow / package).mkdir(parents=True)
+    (shadow / package / "__init__.py").write_text(f"raise {error}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+@pytest.mark.parametrize(
+    "package, error, problem",
+    [
+        ("transformers", "ImportError('this transformers is broken')", "transformers-unusable"),
+        ("torch", "ModuleNotFoundError(\"No module named 'torch'\", name='torch')", "torch-unusable"),
+    ],
+)
+def test_broken_transformers_or_torch_is_reported_not_raised(tmp_path, qwen_dir, package, error, problem):
+    env = _shadow(tmp_path, package, error)
+    result = _cli(str(qwen_dir), "--json", env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    document = json.loads(result.stdout)
+    _assert_valid(document)
+    ids = [p["id"] for p in document["problems"]]
+    assert problem in ids and "transformers-unusable" in ids
+    assert result.returncode == document["exit_status"] == 1
+    assert document["capabilities"] is None
+    # what is read statically is still there
+    assert document["model"]["old_gradient_checkpointing_api"] is True
+    assert document["model"]["decoder_blocks"] == ["QWenBlock"]
+
+    if package == "transformers":
+        text = _cli(str(qwen_dir), env=env)
+        assert text.returncode == 1 and "Traceback" not in text.stderr and f"ACTION {problem}" in text.stdout
+
+
+def test_environment_only(qwen_report):
+    report = diagnose(None)
+    assert report.model is None and report.path is None and report.error is None
+    assert set(report.versions) >= {"python", "torch", "transformers", "peft", "accelerate", "deepspeed",
+                                    "bitsandbytes", "transformers_stream_generator", "qwen_ckpt_compat"}
+    import transformers
+
+    assert report.versions["transformers"] == transformers.__version__
+    assert report.capabilities["checkpointing_kwargs"] is (TRANSFORMERS >= Version("4.35"))
+    # only the environment's problems; the model's come with a model
+    assert set(report.ids) == {p.id for p in qwen_report.problems if p.id in set(report.ids)}
+    assert not {"old-gc-api-kwargs-ignored", "import-before-loading", "removed-api-called"} & set(report.ids)

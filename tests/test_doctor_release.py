@@ -1,0 +1,350 @@
+"""On this transformers release, what the doctor reports for the tiny model is what really happens.
+
+Each test runs both sides on the installed release: the doctor's report, and the behaviour itself, seen through
+transformers' own loading (``remote_code_loading_disabled()``) where the model loads without the library, and
+through the user's door with the library where it does not. A problem reported must happen; a problem not
+reported must not. Run on every matrix row.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import warnings
+
+import pytest
+import torch
+from doctor_fixtures import edit_config, prepend, write_native
+from helpers import TRANSFORMERS, batch, enable, lora, reentrant_in_effect, step_grads
+from packaging.version import Version
+
+from qwen_ckpt_compat import CompatWarning, prepare_for_lora, unpatch
+from qwen_ckpt_compat.doctor import diagnose
+from qwen_ckpt_compat.loading import STREAM_PACKAGE, StreamingUnavailableError, remote_code_loading_disabled
+from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
+
+OLD_API_PROBLEMS = {"old-gc-api-reentrant-only", "old-gc-api-enable-typeerror", "old-gc-api-kwargs-ignored"}
+
+
+@pytest.fixture
+def fresh(tmp_path_factory):
+    """Writes a new tiny Qwen directory: its own `transformers_modules` module, classes nobody patched."""
+
+    def make(**config_overrides):
+        return write_tiny_qwen(tmp_path_factory.mktemp("doctor-release"), **config_overrides)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return diagnose(str(write_tiny_qwen(tmp_path_factory.mktemp("doctor-release-report"))))
+
+
+def _load(path, report, **kwargs):
+    """The model as transformers itself loads it; with the library's import fix only where the doctor says
+    transformers cannot load it alone (checked in test_import_before_loading_is_what_loading_needs)."""
+    if "import-before-loading" in report.ids:
+        model = load_tiny_qwen(path, **kwargs)
+    else:
+        with remote_code_loading_disabled():
+            model = load_tiny_qwen(path, **kwargs)
+    return model.float().train()
+
+
+def test_tiny_model_needs_no_action_with_the_library(report):
+    """The rest of the test suite shows the tiny model loading and training with the library on every row."""
+    assert report.exit_status == 0, [p for p in report.problems if p.needs_action]
+    assert report.model["old_gradient_checkpointing_api"] and report.model["decoder_blocks"] == ["QWenBlock"]
+    assert not {"config-attribute-missing", "missing-package", "removed-transformers-import",
+                "options-not-honoured", "checkpointing-enabled-on-load"} & set(report.ids)
+
+
+def test_old_api_problem_is_what_enabling_does(report, fresh):
+    model = _load(fresh(), report)
+    try:
+        enable(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        error = None
+    except TypeError as raised:
+        error = str(raised)
+    if error and "gradient_checkpointing_kwargs" in error:
+        happened = "old-gc-api-reentrant-only"  # <= 4.34: no kwargs at all; enabling without them is reentrant
+        enable(model)
+        assert reentrant_in_effect(model)
+    elif error:
+        assert "_set_gradient_checkpointing() got an unexpected keyword argument 'enable'" in error
+        happened = "old-gc-api-enable-typeerror"
+    else:
+        assert reentrant_in_effect(model), "use_reentrant=False was asked, and honoured without the library"
+        happened = "old-gc-api-kwargs-ignored"
+    assert OLD_API_PROBLEMS & set(report.ids) == {happened}
+    if happened == "old-gc-api-kwargs-ignored":
+        summary = report.problem(happened).summary
+        for option, present in (("every_n_layers", "every_n_layers"), ("offload", "offload")):
+            assert (option in summary) is bool(report.capabilities[present])
+
+
+def test_lora_after_enabling_is_reported_where_it_fails(report, fresh):
+    peft_model = lora(_load(fresh(), report))
+    try:
+        enable(peft_model)
+    except TypeError:
+        assert "old-gc-api-enable-typeerror" in report.ids and "lora-no-input-grads" not in report.ids
+        return
+    if "lora-no-input-grads" in report.ids:
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            step_grads(peft_model)
+    else:  # 5.x: the enable method makes the embeddings' output require grad itself
+        grads = step_grads(peft_model)
+        assert grads and all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_prepare_for_lora_fixes_what_it_is_said_to_fix(report, fresh):
+    fixed = [p for p in report.problems if p.fixed_by in ("prepare_for_lora", "patch")]
+    assert fixed, "every release has the old-API problem"
+    model = load_tiny_qwen(fresh()).float().train()
+    try:
+        peft_model = lora(model)
+        prepare_for_lora(peft_model)
+        assert not reentrant_in_effect(peft_model)  # the library's non-reentrant default reached torch
+        grads = step_grads(peft_model)
+        assert grads and all(g.abs().sum() > 0 for g in grads.values())
+    finally:
+        unpatch(model)
+
+
+def test_import_before_loading_is_what_loading_needs(report, fresh):
+    problem = report.problem("import-before-loading")
+    with remote_code_loading_disabled():
+        if problem is None:
+            load_tiny_qwen(fresh())
+        else:
+            with pytest.raises(ImportError) as error:
+                load_tiny_qwen(fresh())
+            message = str(error.value)
+            assert STREAM_PACKAGE in message or "cannot import name" in message
+            if "cannot import name" in message:
+                missing = message.split("cannot import name ")[1].split()[0]
+                assert missing in problem.summary  # BeamSearchScorer / DisjunctiveConstraint, as reported
+            assert problem.fixed_by == "import"
+    model = load_tiny_qwen(fresh())  # with the library imported: loads on every row
+    assert torch.isfinite(model(**batch()).loss)
+
+
+def test_import_hook_disabled_is_reported_when_loading_needs_it(report, fresh, monkeypatch):
+    monkeypatch.setenv("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", "1")
+    with remote_code_loading_disabled():
+        without_hook = diagnose(str(fresh()))
+    needs_hook = any(p.fixed_by == "import" for p in report.problems)
+    assert ("import-hook-disabled" in without_hook.ids) is needs_hook
+    assert "import-hook-disabled" not in report.ids
+
+
+def test_chat_stream_is_reported_where_it_cannot_stream(report, fresh):
+    from transformers import AutoTokenizer
+
+    path = fresh()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+    model = load_tiny_qwen(path).eval()
+    if report.problem("chat-stream-unavailable") is None:
+        pieces = list(model.chat_stream(tokenizer, "hi", max_new_tokens=4))
+        assert pieces and all(isinstance(piece, str) for piece in pieces)
+        return
+    with pytest.raises(StreamingUnavailableError):
+        list(model.chat_stream(tokenizer, "hi", max_new_tokens=4))
+    if "import-before-loading" not in report.ids:  # transformers alone loads it: its chat_stream fails too
+        alone = _load(fresh(), report).eval()
+        with pytest.raises(Exception) as error:  # noqa: PT011 - whatever the stream package trips on
+            list(alone.chat_stream(tokenizer, "hi", max_new_tokens=4))
+        assert not isinstance(error.value, StreamingUnavailableError)
+
+
+def test_removed_api_is_reported_where_the_forward_fails(report, fresh):
+    import transformers.dynamic_module_utils as dynamic_module_utils
+
+    problem = report.problem("removed-api-called")
+    # transformers' own loading, with its load-time import check set aside (the stream package is not the point)
+    with remote_code_loading_disabled(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dynamic_module_utils, "check_imports", dynamic_module_utils.get_relative_imports)
+        model = load_tiny_qwen(fresh()).float()
+    if problem is None:
+        assert torch.isfinite(model(**batch()).loss)
+    else:
+        assert problem.subject == "get_head_mask" and problem.fixed_by == "import"
+        with pytest.raises(AttributeError, match="get_head_mask"):
+            model(**batch())
+        assert torch.isfinite(load_tiny_qwen(fresh())(**batch()).loss)  # with the library's import fix
+
+
+def test_checkpointing_turned_on_by_the_config_is_reported(report, fresh):
+    path = fresh(gradient_checkpointing=True)
+    with_flag = diagnose(str(path))
+    assert not {"checkpointing-enabled-on-load", "load-raises-enable-typeerror"} & set(report.ids)
+    if "load-raises-enable-typeerror" in with_flag.ids:
+        assert with_flag.exit_status == 1
+        with pytest.raises(TypeError, match="unexpected keyword argument 'enable'"):
+            load_tiny_qwen(path)  # the library imported, and still: it happens inside from_pretrained
+        return
+    assert "checkpointing-enabled-on-load" in with_flag.ids
+    model = load_tiny_qwen(path)
+    assert model.transformer.gradient_checkpointing is True  # nobody asked for it
+    assert load_tiny_qwen(fresh()).transformer.gradient_checkpointing is False
+
+
+def test_missing_package_is_reported_where_loading_fails(fresh):
+    path = fresh()
+    prepend(path / "modeling_qwen.py", "import qcc_doctor_missing_package\n")
+    found = diagnose(str(path))
+    assert [p.subject for p in found.problems if p.id == "missing-package"] == ["qcc_doctor_missing_package"]
+    assert found.exit_status == 1
+    with pytest.raises(ImportError, match="not found in your environment: qcc_doctor_missing_package"):
+        load_tiny_qwen(path)
+
+
+def test_removed_transformers_import_is_reported_where_loading_fails(fresh):
+    path = fresh()
+    prepend(path / "modeling_qwen.py", "from transformers import BeamSearchScorer\n")
+    problem = diagnose(str(path)).problem("removed-transformers-import")
+    if problem is None:
+        load_tiny_qwen(path)
+    else:
+        assert problem.subject == "transformers.BeamSearchScorer" and problem.needs_action
+        with pytest.raises(ImportError, match="BeamSearchScorer"):
+            load_tiny_qwen(path)
+
+
+def test_config_attribute_missing_is_what_pretrained_config_lacks(fresh):
+    """ChatGLM's case (config.max_length), on the tiny model: its config class never sets max_length."""
+    from transformers import PretrainedConfig
+
+    path = fresh()
+    modeling = path / "modeling_qwen.py"
+    modeling.write_text(modeling.read_text().replace(
+        "        self.lm_head = nn.Linear(", "        self.max_sequence_length = config.max_length\n        self.lm_head = nn.Linear(", 1
+    ))
+    problem = diagnose(str(path)).problem("config-attribute-missing")
+    if hasattr(PretrainedConfig(), "max_length"):
+        assert problem is None
+        assert load_tiny_qwen(path).max_sequence_length == PretrainedConfig().max_length
+    else:
+        assert problem.subject == "max_length" and problem.needs_action
+        with pytest.raises(AttributeError, match="max_length"):
+            load_tiny_qwen(path)
+        # the fix offered: config.json, where this release keeps it (5.x drops generation parameters)
+        kept = hasattr(PretrainedConfig(max_length=64), "max_length")
+        edited = diagnose(str(edit_config(path, max_length=64))).problem("config-attribute-missing")
+        assert (edited is None) is kept
+        if kept:
+            assert load_tiny_qwen(path).max_sequence_length == 64
+        else:
+            assert "does not help" in edited.fix
+            with pytest.raises(AttributeError, match="max_length"):
+                load_tiny_qwen(path)
+
+
+# How each option shows up in prepare_for_lora's CompatWarnings when it cannot be honoured (whole words:
+# torch's op `_scaled_dot_product_fused_attention_overrideable` is not `fused_attention`).
+_WARNED_AS = {
+    "gradient_checkpointing_kwargs": r"gradient_checkpointing_kwargs=|\{'use_reentrant': False",
+    "every_n_layers": r"\bevery_n_layers=",
+    "offload": r"\boffload=",
+    "memory_budget": r"\bmemory_budget\b",
+    "fused_attention": r"\bfused_attention\b",
+    "selective": r"\bcontext_fn\b",  # selective recompute travels in the checkpoint kwargs
+}
+
+
+def _compat_warnings(model, **options) -> str:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_lora(model, **options)
+    return "\n".join(str(w.message) for w in caught if issubclass(w.category, CompatWarning))
+
+
+def _options_warned(make_model) -> set:
+    """The options prepare_for_lora warns about, asked for all (memory_budget apart: it excludes two others)."""
+    text = _compat_warnings(make_model(), every_n_layers=2, offload=True, selective=True, fused_attention=True)
+    text += "\n" + _compat_warnings(make_model(), memory_budget="1GiB")
+    return {option for option, marker in _WARNED_AS.items() if re.search(marker, text)}
+
+
+def _not_honoured(report) -> set:
+    problem = report.problem("options-not-honoured")
+    return set(problem.subject.split(", ")) if problem else set()
+
+
+def test_options_not_honoured_is_what_prepare_for_lora_warns_native(tmp_path):
+    from conftest import _native
+
+    report = diagnose(str(write_native(tmp_path / "llama")))
+    assert _not_honoured(report) == _options_warned(lambda: _native("llama"))
+    assert {"memory_budget", "fused_attention"} <= _not_honoured(report)  # old remote code only, everywhere
+
+
+def test_options_not_honoured_is_what_prepare_for_lora_warns_remote(report, fresh):
+    models = []
+
+    def make():
+        models.append(load_tiny_qwen(fresh()).float().train())
+        return models[-1]
+
+    try:
+        assert _not_honoured(report) == _options_warned(make) == set()  # the tiny model: every option honoured
+        path = fresh()
+        modeling = path / "modeling_qwen.py"
+        modeling.write_text(modeling.read_text().replace('    _no_split_modules = ["QWenBlock"]\n', ""))
+        without_blocks = diagnose(str(path))
+        assert without_blocks.model["decoder_blocks"] == []
+
+        def make_without_blocks():
+            models.append(load_tiny_qwen(path).float().train())
+            return models[-1]
+
+        assert _not_honoured(without_blocks) == _options_warned(make_without_blocks) == set(_WARNED_AS) - {"fused_attention"}
+    finally:
+        for model in models:
+            unpatch(model)
+
+
+def test_companion_problems_are_transformers_own_judgement(report, native_llama):
+    import transformers.utils as transformers_utils
+
+    accelerate = report.problem("accelerate-too-old")
+    try:
+        minimum = importlib.import_module("transformers.utils.import_utils").ACCELERATE_MIN_VERSION
+    except AttributeError:
+        assert accelerate is None  # this release names no minimum: nothing claimed
+    else:
+        assert (accelerate is not None) is (not transformers_utils.is_accelerate_available(minimum))
+
+    peft_problem = report.problem("peft-too-old-for-transformers")
+    try:
+        minimum = importlib.import_module("transformers.integrations.peft").MIN_PEFT_VERSION
+    except (ImportError, AttributeError):
+        assert peft_problem is None
+        return
+    from peft import LoraConfig
+    from transformers.utils.peft_utils import check_peft_version
+
+    try:
+        check_peft_version(minimum)
+        transformers_says_too_old = False
+    except ValueError:
+        transformers_says_too_old = True
+    assert (peft_problem is not None) is transformers_says_too_old
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    if peft_problem is None:
+        native_llama.add_adapter(config)
+    else:
+        with pytest.raises(ValueError, match="version of PEFT"):
+            native_llama.add_adapter(config)
+
+
+def test_capabilities_in_the_report_are_the_library_s(report):
+    from qwen_ckpt_compat import capabilities
+
+    caps = capabilities()
+    for name in ("new_set_gradient_checkpointing_call", "old_format_fallback", "checkpointing_kwargs",
+                 "every_n_layers", "offload", "activation_checkpointing_api", "enable_adds_input_grads"):
+        assert report.capabilities[name] is getattr(caps, name)
+    assert report.capabilities["enable_adds_input_grads"] is (TRANSFORMERS >= Version("5.0"))
