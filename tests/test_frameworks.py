@@ -29,6 +29,7 @@ from qwen_ckpt_compat import (
     prepare_for_lora,
     routing,
 )
+from qwen_ckpt_compat.selective import selective_checkpointing_available
 from qwen_ckpt_compat.testing import watch_checkpointing
 
 
@@ -242,3 +243,12 @@ def test_our_hook_leaves_at_its_next_run_when_transformers_hook_arrives(qwen):
     assert _input_hooks(qwen) == before, "ours removed itself; transformers' stays"
     assert routing.INPUT_GRADS_HOOK not in qwen.__dict__
     assert reentrant_in_effect(lora(qwen)) is True
+
+
+@pytest.mark.skipif(not selective_checkpointing_available(), reason="selective recompute needs torch >= 2.4")
+def test_selective_recompute_is_an_option_of_its_own_not_a_kwarg_in_effect(qwen):
+    prepare_for_lora(qwen, selective=True)
+    assert checkpoint_settings(qwen).selective and "context_fn" in checkpoint_settings(qwen).kwargs
+    prepare_for_lora(qwen)  # selective=False, as passed; the kwargs in effect stay
+    settings = checkpoint_settings(qwen)
+    assert not settings.selective and settings.kwargs == {"use_reentrant": False}
