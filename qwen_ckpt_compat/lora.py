@@ -97,9 +97,9 @@ def prepare_for_lora(
     Example:
 
     ```python
+    >>> from qwen_ckpt_compat import prepare_for_lora  # first: before from_pretrained (4.57+ and 5.x)
     >>> from transformers import AutoModelForCausalLM
     >>> from peft import LoraConfig, get_peft_model
-    >>> from qwen_ckpt_compat import prepare_for_lora
 
     >>> model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen-7B-Chat", trust_remote_code=True)
     >>> model = prepare_for_lora(model)
