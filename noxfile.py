@@ -13,6 +13,9 @@ tokenizers, huggingface_hub, ... that PyPI had the day after that release, pinne
 
     uv pip install torch==2.13.0 -c constraints/<row-id>.txt transformers peft accelerate \
         transformers_stream_generator safetensors pytest -e .
+
+Era rows (``nox -t era``) prove the Python and torch bounds instead: each installs its own Python, torch
+from PyPI and one transformers release, all as PyPI had them then (see ERA_ROWS).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import shutil
 import subprocess
 import sys
@@ -165,6 +169,70 @@ NO_TSG_ROWS = ("4.55.4-last-loading", "5.24.0-newest")
 PACKAGE_ROW = ROWS[-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class EraRow:
+    """One Python, one torch and one transformers release (``row``), as a user of that era had them."""
+
+    row: Row  # the transformers release; its cut-off dates everything else
+    python: str
+    torch: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.row.transformers}-py{self.python}-torch{self.torch}"
+
+    @property
+    def constraints(self) -> Path:
+        return CONSTRAINTS / f"{self.id}.txt"
+
+
+# The rows above prove the transformers range on Python 3.11 and torch 2.13.0 alone. These prove the Python
+# and torch ranges of pyproject.toml: each runs its Python (found under pyenv on CI's machines), torch as PyPI
+# has it (a CUDA build of 2-3 GB that runs on the CPU: PyPI has no CPU builds for Linux and the machines reach
+# no other index) and every other package as PyPI had it at the row's cut-off; only the test runner is newer
+# (TEST_RUNNER). Measured on 2026-11-28 with an empty uv cache (as on a fresh CI machine) and CI's 2 cores
+# shared with other work (load ~9): install 60-97 s and tests 104-156 s per era row, 14 of the run's 85
+# session-minutes; the whole default run took 43m52s of CI's 90. So all four are in the default run.
+# Not run: Python 3.14 and later (CI's machines have no such interpreter; pyproject.toml declares 3.9-3.13),
+# torch below 2.0 (below the floor).
+ERA_ROWS = (
+    # every floor at once: Python 3.9, torch 2.0.0, transformers 4.31.0, peft 0.4.0, accelerate 0.21.0, and
+    # the library's own floors (ERA_EXTRA_PINS)
+    EraRow(ROWS_BY_ID["4.31.0-oldest"], "3.9", "2.0.0"),
+    # the 4.35 TypeError era as users had it in November 2023; first torch whose checkpoint takes context_fn,
+    # determinism_check and debug, and whose save_on_cpu takes device_type (2.1)
+    EraRow(ROWS_BY_ID["4.35.2-last-typeerror"], "3.10", "2.1.1"),
+    # Python 3.12; first torch with create_selective_checkpoint_contexts (2.5); its FSDP1 runs on the CPU
+    EraRow(ROWS_BY_ID["4.48.3-fallback"], "3.12", "2.5.1"),
+    # the newest Python the bounds declare with the newest torch and transformers on PyPI (2026-11-28)
+    EraRow(ROWS_BY_ID["5.24.0-newest"], "3.13", "2.15.0"),
+)
+ERA_ROWS_BY_ID = {era.id: era for era in ERA_ROWS}
+# The test runner and its dependencies resolve as of TOOLS_CUTOFF in era rows too (the newest pytest that
+# supports the row's Python); everything else is the era's.
+TEST_RUNNER = ("pytest", "pluggy", "iniconfig", "pygments", "exceptiongroup", "tomli")
+# The declared floors of the library's own dependencies, proven by the oldest era row. packaging: the
+# lowest that huggingface_hub 0.16 (transformers 4.31's) admits.
+ERA_EXTRA_PINS: dict[str, tuple[str, ...]] = {ERA_ROWS[0].id: ("packaging==20.9", "wrapt==1.14.0")}
+
+
+def _pyenv_interpreter(version: str) -> str:
+    """``version`` for nox to find, or pyenv's newest ``<version>.x`` when nox cannot find one on PATH.
+
+    This project's machines keep Python 3.9, 3.10, 3.12 and 3.13 under pyenv without putting them on PATH
+    (its shims only answer for the active versions), and nox never downloads an interpreter here. When neither
+    has it, nox reports the interpreter missing: locally the session is skipped, on CI it fails.
+    """
+    found = shutil.which(f"python{version}")
+    root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
+    if found and Path(found).parent != root / "shims":
+        return version
+    candidates = [p for p in root.glob(f"versions/{version}.*/bin/python{version}") if p.is_file()]
+    if not candidates:
+        return version
+    return str(max(candidates, key=lambda p: [int(x) for x in p.parts[-3].split(".") if x.isdigit()]))
+
+
 def _params(rows: tuple[Row, ...], *, quick: bool = True) -> list[nox.Param]:
     # The value is the transformers version (nox serialises parameters as JSON under --parallel).
     return [
@@ -265,19 +333,22 @@ def _test_env(session: nox.Session) -> dict[str, str]:
     return env
 
 
-def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool = True) -> None:
-    """Install one matrix row into the session's venv and run the test suite against it."""
-    if not row.constraints.is_file():
-        session.error(f"{row.constraints} is missing: run `nox -s constraints -- {row.id}`")
+def _install_and_test(
+    session: nox.Session, row: Row, *, stream_generator: bool = True, era: EraRow | None = None
+) -> None:
+    """Install one matrix row (or era row) into the session's venv and run the test suite against it."""
+    constraints = era.constraints if era else row.constraints
+    if not constraints.is_file():
+        session.error(f"{constraints} is missing: run `nox -s constraints -- {era.id if era else row.id}`")
     companions = [p for p in COMPANIONS if stream_generator or p != "transformers_stream_generator"]
-    report_name = row.id if stream_generator else f"{row.id}+no-tsg"
+    report_name = era.id if era else row.id if stream_generator else f"{row.id}+no-tsg"
 
     with _timed(session, "install"), _install_lock():
         session.install(
-            *_find_links(),
+            *([] if era else _find_links()),  # era rows take torch from PyPI, pinned in their constraints
             "-c",
-            str(row.constraints),
-            f"torch=={TORCH}",
+            str(constraints),
+            f"torch=={era.torch if era else TORCH}",
             f"transformers=={row.transformers}",
             *companions,
             "pytest",
@@ -295,7 +366,7 @@ def _install_and_test(session: nox.Session, row: Row, *, stream_generator: bool 
     env = _test_env(session)
     if not stream_generator:
         env["QCC_WITHOUT_STREAM_GENERATOR"] = "1"
-    if not (row.quick and stream_generator):
+    if not (row.quick and stream_generator and era is None):
         env["QCC_RUN_EXAMPLES"] = "0"  # tests/test_examples.py: about 30 s a row; the quick rows cover each era
     with _timed(session, "pytest"):
         session.run(
@@ -323,6 +394,16 @@ def tests(session: nox.Session, transformers: str) -> None:
 def tests_no_tsg(session: nox.Session, transformers: str) -> None:
     """A row installed without transformers_stream_generator (everything else the same)."""
     _install_and_test(session, ROWS_BY_VERSION[transformers], stream_generator=False)
+
+
+@nox.session(name="tests-era", tags=["era"], allow_parallel=True)
+@nox.parametrize(
+    "python,era_id", [nox.param(_pyenv_interpreter(era.python), era.id, id=era.id) for era in ERA_ROWS]
+)
+def tests_era(session: nox.Session, era_id: str) -> None:
+    """One era row (see ERA_ROWS): its Python, PyPI's torch and a transformers release, dated alike."""
+    era = ERA_ROWS_BY_ID[era_id]
+    _install_and_test(session, era.row, era=era)
 
 
 # Runs alone (allow_parallel=False): it builds in the source tree (build/, egg-info, dist/).
@@ -386,10 +467,15 @@ def _project_requirements() -> list[str]:
 @nox.session(python=False, default=False)
 def constraints(session: nox.Session) -> None:
     """Regenerate constraints/<row-id>.txt (all rows, or the row ids given after --)."""
-    wanted = session.posargs or [row.id for row in ROWS]
-    unknown = sorted(set(wanted) - set(ROWS_BY_ID))
+    wanted = session.posargs or [row.id for row in ROWS] + [era.id for era in ERA_ROWS]
+    unknown = sorted(set(wanted) - set(ROWS_BY_ID) - set(ERA_ROWS_BY_ID))
     if unknown:
-        session.error(f"unknown row ids {unknown}; known: {list(ROWS_BY_ID)}")
+        session.error(f"unknown row ids {unknown}; known: {list(ROWS_BY_ID) + list(ERA_ROWS_BY_ID)}")
+    for era_id in [i for i in wanted if i in ERA_ROWS_BY_ID]:
+        _write_era_constraints(session, ERA_ROWS_BY_ID[era_id])
+    wanted = [i for i in wanted if i in ROWS_BY_ID]
+    if not wanted:
+        return
     find_links = _find_links()
     undated_names = list(UNDATED)
     if not find_links:
@@ -442,30 +528,66 @@ def constraints(session: nox.Session) -> None:
         if result.returncode:
             session.error(f"{row.id}: uv pip compile failed:\n{result.stderr}")
         pins = _drop_cuda_pins(result.stdout)
-        printf = "\\n".join(requirements)
         header = [
             f"# Matrix row {row.id}: transformers {row.transformers} with the packages PyPI had",
             f"# on {row.cutoff} (transformers {row.transformers} was uploaded {row.uploaded});",
             f"# torch {TORCH} is installed beside these pins and is not listed. Resolved as of",
-            *textwrap.wrap(
-                f"{TOOLS_CUTOFF} instead: {', '.join(UNDATED)} (see UNDATED in noxfile.py).",
-                width=96,
-                initial_indent="# ",
-                subsequent_indent="# ",
-            ),
+            *_comment(f"{TOOLS_CUTOFF} instead: {', '.join(UNDATED)} (see UNDATED in noxfile.py)."),
         ]
         if row.id in EXTRA_PINS:
             header.append(f"# Extra pins for this row (see EXTRA_PINS): {' '.join(EXTRA_PINS[row.id])}")
-        header += [
-            f"# Regenerate: nox -s constraints -- {row.id}",
-            "# which runs (requirements on stdin):",
-            f"#   printf '{printf}\\n' | \\",
-            "#   " + " ".join(c for c in cmd if c != "--quiet"),
-            f"# Use: uv pip install torch=={TORCH} -c constraints/{row.id}.txt transformers peft accelerate \\",
-            "#   transformers_stream_generator safetensors pytest -e .",
-        ]
+        header += _regeneration_note(row.id, requirements, cmd, "Use", TORCH)
         row.constraints.write_text("\n".join(header) + "\n" + pins, encoding="utf-8")
         session.log(f"{row.id}: wrote {row.constraints.name} in {time.monotonic() - started:.1f}s")
+
+
+def _comment(text: str) -> list[str]:
+    return textwrap.wrap(text, width=96, initial_indent="# ", subsequent_indent="# ")
+
+
+def _regeneration_note(row_id: str, requirements: list[str], cmd: list[str], use: str, torch: str) -> list[str]:
+    """The last lines of a constraints file's header: how to regenerate it and how to install from it."""
+    printf = "\\n".join(requirements)
+    return [
+        f"# Regenerate: nox -s constraints -- {row_id}",
+        "# which runs (requirements on stdin):",
+        f"#   printf '{printf}\\n' | \\",
+        "#   " + " ".join(c for c in cmd if c != "--quiet"),
+        f"# {use}: uv pip install torch=={torch} -c constraints/{row_id}.txt transformers peft accelerate \\",
+        "#   transformers_stream_generator safetensors pytest -e .",
+    ]
+
+
+def _write_era_constraints(session: nox.Session, era: EraRow) -> None:
+    """constraints/<era-id>.txt: everything as of the row's cut-off for its Python, torch's CUDA pins included."""
+    requirements = [
+        f"transformers=={era.row.transformers}",
+        f"torch=={era.torch}",
+        *COMPANIONS,
+        *_project_requirements(),
+        *ERA_EXTRA_PINS.get(era.id, ()),
+    ]
+    undated = [a for name in TEST_RUNNER for a in ("--exclude-newer-package", f"{name}={TOOLS_CUTOFF}T00:00:00Z")]
+    cmd = [
+        "uv", "pip", "compile", "-", "--quiet", "--no-header", "--no-python-downloads",
+        "--python-version", era.python, "--python-platform", PLATFORM, "--exclude-newer", era.row.cutoff, *undated,
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(
+        [_uv(), *cmd[1:]], input="\n".join(requirements) + "\n", capture_output=True, text=True, check=False, cwd=ROOT
+    )
+    if result.returncode:
+        session.error(f"{era.id}: uv pip compile failed:\n{result.stderr}")
+    header = [
+        f"# Era row {era.id}: Python {era.python}, torch {era.torch} (PyPI's build) and transformers",
+        f"# {era.row.transformers} with the packages PyPI had on {era.row.cutoff} for that Python;",
+        *_comment(f"{', '.join(TEST_RUNNER)} resolved as of {TOOLS_CUTOFF} instead (see TEST_RUNNER in noxfile.py)."),
+    ]
+    if era.id in ERA_EXTRA_PINS:
+        header.append(f"# Extra pins for this row (see ERA_EXTRA_PINS): {' '.join(ERA_EXTRA_PINS[era.id])}")
+    header += _regeneration_note(era.id, requirements, cmd, f"Use (Python {era.python})", era.torch)
+    era.constraints.write_text("\n".join(header) + "\n" + result.stdout, encoding="utf-8")
+    session.log(f"{era.id}: wrote {era.constraints.name} in {time.monotonic() - started:.1f}s")
 
 
 def _torch_dependencies(session: nox.Session) -> list[str]:

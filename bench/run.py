@@ -271,7 +271,7 @@ def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, resul
 
 
 def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.device) -> Result:
-    from qwen_ckpt_compat import memory_plan, prepare_for_lora, unpatch
+    from qwen_ckpt_compat import UnsupportedTorchError, memory_plan, prepare_for_lora, unpatch
 
     result = Result(mode.name, seq, mode.description)
     start = time.perf_counter()
@@ -293,6 +293,8 @@ def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.dev
         if plan is not None:
             result.plan = _plan_dict(plan)
     except _NotRunnable as error:
+        result.status, result.reason = "not runnable", str(error)
+    except UnsupportedTorchError as error:  # e.g. selective recompute on torch < 2.5: this torch cannot run the mode
         result.status, result.reason = "not runnable", str(error)
     except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others
         result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"

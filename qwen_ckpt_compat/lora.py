@@ -23,7 +23,7 @@ from .patching import (
     set_fused_attention,
 )
 from .routing import reentrancy_of
-from .versions import capabilities
+from .versions import capabilities, require_checkpoint_keywords
 
 __all__ = ["prepare_for_lora"]
 
@@ -79,7 +79,7 @@ def prepare_for_lora(
             ``offload``, which the plan decides.
         selective (`bool`, *optional*, defaults to `False`):
             Selective recompute: checkpointed blocks keep their attention outputs (torch's selective activation
-            checkpointing, torch >= 2.4, non-reentrant checkpoint only) and recompute everything else.
+            checkpointing, torch >= 2.5, non-reentrant checkpoint only) and recompute everything else.
         fused_attention (`bool`, *optional*, defaults to `False`):
             Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
             padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
@@ -92,7 +92,7 @@ def prepare_for_lora(
         `UnsupportedModelError` (a `TypeError`): ``model`` is not a transformers model or a peft model around one.
         `TypeError` / `ValueError`: an option has the wrong type or value.
         `CheckpointingNotSupportedError` (a `ValueError`): checkpointing was asked of a model that cannot do it.
-        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.4.
+        `UnsupportedTorchError` (a `RuntimeError`): ``selective=True`` on torch < 2.5.
 
     Example:
 
@@ -159,6 +159,7 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
         raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
+    require_checkpoint_keywords(kwargs or {})  # e.g. context_fn on torch 2.0: refused now, not mid-training
     # A dict without `use_reentrant` expresses no preference on the mode: the non-reentrant default applies.
     # No dict at all is no preference whatsoever: resolved against the model by prepare_for_lora.
     return CheckpointRequest(

@@ -38,6 +38,7 @@ from .detection import (
 from .engines import own_class
 from .errors import CompatWarning
 from .removed_apis import restore_auto_class, restore_removed_apis
+from .versions import require_checkpoint_keywords
 
 __all__ = [
     "CheckpointRequest",
@@ -228,6 +229,7 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
         kwargs["use_reentrant"] = _default_use_reentrant(model)
     elif kwargs["use_reentrant"] is False:
         _warn_if_non_reentrant_keeps_activations(model)
+    require_checkpoint_keywords(kwargs)  # what this torch's checkpoint does not take is refused at enable time
     offload = bool(request.offload)
     selective = bool(request.selective) and _selective_context(model, kwargs)
     return routing.CheckpointSettings(
@@ -246,10 +248,10 @@ def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
     from .selective import selective_checkpointing_available, selective_context_fn
 
     if kwargs["use_reentrant"] or not selective_checkpointing_available():
-        why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.4"
+        why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.5"
         warnings.warn(
             f"selective recompute cannot be used on {type(model).__qualname__}: {why} (it needs the non-reentrant "
-            "checkpoint of torch >= 2.4); checkpointed blocks are recomputed whole.",
+            "checkpoint of torch >= 2.5); checkpointed blocks are recomputed whole.",
             CompatWarning,
             stacklevel=5,
         )

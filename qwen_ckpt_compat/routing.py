@@ -31,9 +31,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import torch.autograd.graph
+import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 
 from . import engines
 from .errors import CompatWarning
+from .versions import SAVE_ON_CPU_DEVICE_TYPE_RELEASE, installed_version, save_on_cpu_takes_device_type
 
 __all__ = ["CheckpointSettings", "build_checkpoint_function", "route", "unroute", "clear"]
 
@@ -86,12 +89,29 @@ def _offload_device_type() -> Optional[str]:
     return "cuda" if torch.cuda.is_available() else None
 
 
-def _checkpoint_offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    # Looked up at call time, so that tests (and users) can observe or replace them. Without an accelerator
-    # the tensors already live on the host: nothing is copied and no pinned memory is asked for.
+def _save_on_cpu_options() -> dict:
+    """What ``save_on_cpu`` gets: pinned host memory for the accelerator, as far as the installed torch can."""
     device_type = _offload_device_type()
-    options = {"pin_memory": True, "device_type": device_type} if device_type else {"pin_memory": False}
-    with torch.autograd.graph.save_on_cpu(**options):
+    if device_type is None:
+        # Without an accelerator the tensors already live on the host: nothing is copied or pinned.
+        return {"pin_memory": False}
+    if save_on_cpu_takes_device_type():
+        return {"pin_memory": True, "device_type": device_type}
+    if device_type == "cuda":
+        return {"pin_memory": True}  # what an older save_on_cpu pins for
+    warnings.warn(
+        f"offload=True: pinned host memory for {device_type!r} needs torch >= {SAVE_ON_CPU_DEVICE_TYPE_RELEASE} "
+        f"(torch.autograd.graph.save_on_cpu(device_type=...)); torch {installed_version('torch')} pins for CUDA "
+        "only, so the saved block inputs go to ordinary (unpinned) host memory, which copies back more slowly.",
+        CompatWarning,
+        stacklevel=2,
+    )
+    return {"pin_memory": False}
+
+
+def _checkpoint_offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    # Looked up at call time, so that tests (and users) can observe or replace them.
+    with torch.autograd.graph.save_on_cpu(**_save_on_cpu_options()):
         return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
 

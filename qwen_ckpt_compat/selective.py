@@ -4,7 +4,7 @@ Full checkpointing saves a block's input and reruns the whole block in the backw
 the attention kernel is the slowest part of that rerun, while its output is small (one hidden state and a
 log-sum-exp per head and position: about 68 MB per Qwen-7B block at 8,192 tokens, against about 2 GB for all of
 the block's activations). Selective recompute keeps exactly those outputs, with torch's selective activation
-checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``, torch >= 2.4), passed to the
+checkpointing (``torch.utils.checkpoint.create_selective_checkpoint_contexts``, torch >= 2.5), passed to the
 non-reentrant checkpoint as its ``context_fn``.
 
 The matmuls are recomputed: their outputs (the LoRA layers' included) are what makes a block's activations
@@ -17,6 +17,7 @@ import functools
 from typing import Any, Callable
 
 import torch
+import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 
 from .errors import UnsupportedTorchError
 
@@ -44,7 +45,7 @@ _API = "torch.utils.checkpoint.create_selective_checkpoint_contexts"
 
 
 def selective_checkpointing_available() -> bool:
-    """Whether the installed torch has selective activation checkpointing (torch >= 2.4)."""
+    """Whether the installed torch has selective activation checkpointing (torch >= 2.5; 2.4 has a private form only)."""
     return callable(getattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", None))
 
 
@@ -52,7 +53,7 @@ def require_selective_checkpointing() -> None:
     """Raises `UnsupportedTorchError` when the installed torch has no selective activation checkpointing."""
     if not selective_checkpointing_available():
         raise UnsupportedTorchError(
-            f"selective recompute needs torch >= 2.4 ({_API}); torch {torch.__version__} is installed. "
+            f"selective recompute needs torch >= 2.5 ({_API}); torch {torch.__version__} is installed. "
             "Upgrade torch, or use memory_budget= / every_n_layers= to recompute fewer blocks instead."
         )
 
@@ -73,7 +74,7 @@ def selective_context_fn() -> Callable[[], Any]:
     of :func:`saved_ops` and recomputes every other operator.
 
     Raises:
-        `UnsupportedTorchError` (a `RuntimeError`): torch < 2.4.
+        `UnsupportedTorchError` (a `RuntimeError`): torch < 2.5.
     """
     require_selective_checkpointing()
     return functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, list(saved_ops()))

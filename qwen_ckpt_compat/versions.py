@@ -1,8 +1,11 @@
-"""Installed versions and the transformers behaviours this library depends on.
+"""Installed versions and the transformers and torch behaviours this library depends on.
 
 Each flag is named after the behaviour it stands for. Where the behaviour can be seen on the installed
 transformers (a parameter in a signature, a method that exists) it is detected; the few that cannot be
 detected are version gates, kept together in :data:`_VERSION_GATES` with the reason for each.
+
+torch's optional features are always detected; :data:`CHECKPOINT_KEYWORD_RELEASES` and
+:data:`SAVE_ON_CPU_DEVICE_TYPE_RELEASE` only name the release that brought each one, for error messages.
 """
 
 from __future__ import annotations
@@ -10,12 +13,21 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
 from packaging.version import Version
 
-__all__ = ["Capabilities", "capabilities", "installed_version"]
+__all__ = [
+    "CHECKPOINT_KEYWORD_RELEASES",
+    "Capabilities",
+    "capabilities",
+    "checkpoint_keywords",
+    "installed_version",
+    "require_checkpoint_keywords",
+    "save_on_cpu_takes_device_type",
+]
 
 # Behaviours that leave no trace in a signature, so only the version tells. (release, reason)
 _VERSION_GATES = {
@@ -119,3 +131,72 @@ def capabilities() -> Capabilities:
         native_default_use_reentrant=native_default,
         enable_adds_input_grads=transformers_version >= _VERSION_GATES["enable_adds_input_grads"],
     )
+
+
+# ------------------------------------------------------------------------------------------------ torch
+
+#: Keyword arguments of ``torch.utils.checkpoint.checkpoint`` that not every supported torch takes, with the
+#: first release that does (read off each release's ``torch/utils/checkpoint.py``). torch 2.0 raises
+#: "Unexpected keyword arguments" for the others; later releases pass unknown keywords on to the
+#: checkpointed function, where they fail far from the cause.
+CHECKPOINT_KEYWORD_RELEASES = {
+    "context_fn": "2.1",
+    "determinism_check": "2.1",
+    "debug": "2.1",
+    "early_stop": "2.9",
+    "respect_saved_tensors_hooks": "2.14",
+}
+#: ``torch.autograd.graph.save_on_cpu(device_type=...)``: torch 2.0 pins host memory for CUDA only.
+SAVE_ON_CPU_DEVICE_TYPE_RELEASE = "2.1"
+
+
+def _keyword_parameters(function: object, *, after: int = 0) -> Optional[frozenset]:
+    """Names ``function`` takes by keyword, past its first ``after`` parameters; ``None`` when it names none
+    there (a ``*args, **kwargs`` wrapper does not say what it takes)."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    named = [p.name for p in parameters[after:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return frozenset(named) if named else None
+
+
+def checkpoint_keywords() -> frozenset:
+    """The keyword arguments the installed ``torch.utils.checkpoint.checkpoint`` takes.
+
+    ``use_reentrant`` and ``preserve_rng_state`` are taken by every torch 2.x. When the function does not show
+    its keywords (a wrapper with ``**kwargs`` only), every keyword of :data:`CHECKPOINT_KEYWORD_RELEASES` is
+    assumed to be taken.
+    """
+    import torch.utils.checkpoint
+
+    named = _keyword_parameters(torch.utils.checkpoint.checkpoint, after=1)  # after `function`
+    if named is None:
+        named = frozenset(CHECKPOINT_KEYWORD_RELEASES)
+    return named | {"use_reentrant", "preserve_rng_state"}
+
+
+def require_checkpoint_keywords(keywords: Iterable[str]) -> None:
+    """Raises `UnsupportedTorchError` for checkpoint keywords that only a newer torch takes.
+
+    Keywords that no torch release in :data:`CHECKPOINT_KEYWORD_RELEASES` knows are left to torch itself.
+    """
+    missing = [k for k in keywords if k in CHECKPOINT_KEYWORD_RELEASES and k not in checkpoint_keywords()]
+    if not missing:
+        return
+    from .errors import UnsupportedTorchError
+
+    needed = max((CHECKPOINT_KEYWORD_RELEASES[k] for k in missing), key=Version)
+    raise UnsupportedTorchError(
+        f"torch {installed_version('torch')}'s torch.utils.checkpoint.checkpoint does not take "
+        f"{', '.join(missing)} (gradient_checkpointing_kwargs); that needs torch >= {needed}. Upgrade torch, or "
+        "leave these keywords out."
+    )
+
+
+def save_on_cpu_takes_device_type() -> bool:
+    """Whether ``torch.autograd.graph.save_on_cpu`` takes ``device_type`` (torch >= 2.1)."""
+    import torch.autograd.graph
+
+    named = _keyword_parameters(torch.autograd.graph.save_on_cpu)  # the class: its __init__ without self
+    return named is None or "device_type" in named

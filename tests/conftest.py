@@ -23,6 +23,17 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _record_python_and_torch(record_testsuite_property):
+    """The Python and torch this run used, as JUnit properties: docs/compatibility.md shows them per row."""
+    import platform
+
+    import torch
+
+    record_testsuite_property("python", platform.python_version())
+    record_testsuite_property("torch", torch.__version__)
+
+
 def pytest_collection_modifyitems(items: list) -> None:
     """Writes each test's `behaviour` marker into the JUnit report (skipped tests too), for docs/compatibility.md."""
     for item in items:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.utils._pytree import tree_leaves
+import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
+from torch.utils._pytree import tree_flatten  # tree_leaves is newer than torch 2.0
 
 import qwen_ckpt_compat
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, describe, is_patched, patch, prepare_for_lora
@@ -33,8 +34,41 @@ def _block_class(model: torch.nn.Module) -> type:
     return type(next(m for m in model.modules() if type(m).__name__ == "QWenBlock"))
 
 
+def _fsdp2_api() -> tuple:
+    """``fully_shard`` and ``MixedPrecisionPolicy``: public in torch.distributed.fsdp from torch 2.6, under
+    torch.distributed._composable.fsdp in 2.4-2.5."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+    return fully_shard, MixedPrecisionPolicy
+
+
+@functools.lru_cache(maxsize=None)
+def _unavailable(family: str) -> str | None:
+    """Why this torch cannot run ``family`` (fsdp1, fsdp2) on the CPU at all, tried on a plain Linear; else None.
+
+    torch 2.0's FSDP asks for a CUDA device when it wraps, 2.1's for CUDA streams on the first forward: there
+    is nothing of the model or the library in that, so those engines are skipped, saying why.
+    """
+    if family not in ("fsdp1", "fsdp2"):
+        return None
+    probe = torch.nn.Linear(2, 2)
+    try:
+        if family == "fsdp1":
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            probe = FullyShardedDataParallel(probe, device_id=torch.device("cpu"))
+        else:
+            _fsdp2_api()[0](probe)
+        probe(torch.ones(1, 2)).sum().backward()
+    except Exception as error:  # noqa: BLE001 - the reason is what the test reports
+        return f"torch {torch.__version__}'s {family.upper()} does not run on the CPU: {type(error).__name__}: {error}"
+    return None
+
+
 def _shard_fsdp2(model: torch.nn.Module, mixed_precision: bool, engine_ac: bool) -> torch.nn.Module:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    fully_shard, MixedPrecisionPolicy = _fsdp2_api()
 
     block = _block_class(model)
     if engine_ac:  # what FSDP's `activation_checkpointing` does: torch's checkpoint_wrapper, before sharding
@@ -86,7 +120,7 @@ def _record_checkpoint_calls(seen: list) -> None:
     original = torch.utils.checkpoint.checkpoint
 
     def recording(function, *args, **kwargs):
-        leaves = tree_leaves((args, getattr(function, "keywords", {})))
+        leaves, _ = tree_flatten((args, getattr(function, "keywords", {})))
         dtypes = {str(x.dtype) for x in leaves if torch.is_tensor(x) and x.is_floating_point()}
         seen.append({"use_reentrant": kwargs.get("use_reentrant"), "input_dtypes": sorted(dtypes)})
         return original(function, *args, **kwargs)
@@ -196,6 +230,12 @@ def main() -> None:
     dist.init_process_group("gloo")
     try:
         for engine in engines:
+            unavailable = _unavailable(engine.split("-")[0])
+            if unavailable is not None:
+                skipped = {"engine": engine, "rank": dist.get_rank(), "unavailable": unavailable}
+                (Path(out_dir) / f"{engine}.rank{dist.get_rank()}.json").write_text(json.dumps(skipped, indent=1))
+                dist.barrier()
+                continue
             try:
                 run(engine, model_dir, Path(out_dir))
             except Exception as error:  # recorded, so that one engine's failure does not hide the others'

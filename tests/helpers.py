@@ -8,6 +8,7 @@ from typing import Iterator, Optional
 
 import pytest
 import torch
+import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 import transformers
 from packaging.version import Version
 
@@ -21,6 +22,11 @@ HAS_FALLBACK = TRANSFORMERS >= Version("4.36.0")
 
 needs_kwargs = pytest.mark.skipif(
     not HAS_CHECKPOINTING_KWARGS, reason=f"transformers {TRANSFORMERS} has no gradient_checkpointing_kwargs"
+)
+# Selective activation checkpointing: torch.utils.checkpoint.create_selective_checkpoint_contexts (torch >= 2.5).
+needs_selective = pytest.mark.skipif(
+    not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"),
+    reason=f"torch {torch.__version__} has no create_selective_checkpoint_contexts (2.5+)",
 )
 
 

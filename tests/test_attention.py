@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import batch, lora, max_relative_difference
+from helpers import batch, lora, max_relative_difference, needs_selective
 from torch.overrides import TorchFunctionMode
 
 from qwen_ckpt_compat import CompatWarning, attention, patch, prepare_for_lora, unpatch
@@ -54,7 +54,7 @@ def _padded_batch() -> dict:
         {"use_gradient_checkpointing": False},
         {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
         {"gradient_checkpointing_kwargs": {"use_reentrant": True}},
-        {"selective": True},
+        pytest.param({"selective": True}, marks=needs_selective),
     ],
     ids=["no-checkpointing", "non-reentrant", "reentrant", "selective"],
 )

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.utils.checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_MODES = [
@@ -42,13 +44,19 @@ def test_every_mode_runs(tiny_report):
         row = rows[name]
         assert row["status"] in ("ok", "not runnable"), (name, row["reason"])
         if row["status"] != "ok":
-            assert name == "native_qwen2" and "Qwen2ForCausalLM" in row["reason"]
+            if name.startswith("selective") and not hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts"):
+                assert "torch >= 2.5" in row["reason"]  # this torch cannot run selective recompute: the row says so
+            else:
+                assert name == "native_qwen2" and "Qwen2ForCausalLM" in row["reason"]
             continue
         assert len(row["step_times_s"]) == shapes["steps"] and row["step_s"] > 0
         assert len(row["losses"]) == shapes["warmup"] + shapes["steps"]
         assert all(math.isfinite(loss) and loss > 0 for loss in row["losses"])
-    for name in QWEN_MODES:
-        assert rows[name]["attention_kernels"], f"{name}: the fixture's attention runs through SDPA"
+    from qwen_ckpt_compat.selective import saved_ops
+
+    if any("for_cpu" in str(op) for op in saved_ops()):  # torch 2.0's CPU SDPA has no fused kernel to see
+        for name in QWEN_MODES:
+            assert rows[name]["status"] != "ok" or rows[name]["attention_kernels"], f"{name}: attention runs through SDPA"
     for name in ("budget", "budget+fused"):
         assert rows[name]["plan"]["status"] == "unmeasurable", "no memory statistics on the CPU"
         assert rows[name]["plan"]["decisions"] == ["checkpoint"] * shapes["layers"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import batch, count_block_calls, enable, lora, max_relative_difference, step_grads
+from helpers import batch, count_block_calls, enable, lora, max_relative_difference, needs_selective, step_grads
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, memory_plan, prepare_for_lora
 from qwen_ckpt_compat import budget as budget_module
@@ -118,6 +118,24 @@ def test_a_larger_budget_never_recomputes_more():
 # ---------------------------------------------------------------------------------------------- the probe
 
 
+def _checkpoint_saves_through_outer_hooks() -> bool:
+    """torch >= 2.1's non-reentrant checkpoint saves its inputs through the saved-tensor hooks around it; torch
+    2.0's keeps them where those hooks never see them (measured), so they cannot count what it saves."""
+    import torch.utils.checkpoint
+
+    seen: list = []
+    x = torch.ones(2, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        torch.utils.checkpoint.checkpoint(lambda a: a.sin(), x, use_reentrant=False)
+    return bool(seen)
+
+
+@pytest.mark.xfail(
+    not _checkpoint_saves_through_outer_hooks(),
+    reason=f"torch {torch.__version__}'s non-reentrant checkpoint hides the inputs it keeps from saved-tensor hooks, "
+    "so _saved_bytes undercounts the checkpointed model",
+    strict=True,
+)
 def test_probe_matches_what_the_whole_model_saves(tmp_path):
     """Saved-tensor bytes of a whole forward without checkpointing minus those with every block checkpointed is
     the sum over blocks of what each saves: the probe of one block (its input requiring grad, as every block's
@@ -320,6 +338,7 @@ def test_no_plan_fits_warns_with_the_minimum(four_blocks, device):
     assert format_bytes(plan.minimum_peak_bytes) in str(plan)
 
 
+@needs_selective
 def test_selective_with_a_budget(four_blocks, device):
     model = lora(four_blocks)
     inputs = batch()

@@ -14,11 +14,12 @@ import warnings
 
 import pytest
 import torch
+import torch.utils.checkpoint
 from doctor_fixtures import edit_config, prepend, write_native
 from helpers import TRANSFORMERS, batch, enable, lora, reentrant_in_effect, step_grads
 from packaging.version import Version
 
-from qwen_ckpt_compat import CompatWarning, prepare_for_lora, unpatch
+from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, prepare_for_lora, unpatch
 from qwen_ckpt_compat.doctor import diagnose
 from qwen_ckpt_compat.loading import STREAM_PACKAGE, StreamingUnavailableError, remote_code_loading_disabled
 from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
@@ -57,7 +58,8 @@ def test_tiny_model_needs_no_action_with_the_library(report):
     assert report.exit_status == 0, [p for p in report.problems if p.needs_action]
     assert report.model["old_gradient_checkpointing_api"] and report.model["decoder_blocks"] == ["QWenBlock"]
     assert not {"config-attribute-missing", "missing-package", "removed-transformers-import",
-                "options-not-honoured", "checkpointing-enabled-on-load"} & set(report.ids)
+                "checkpointing-enabled-on-load"} & set(report.ids)
+    assert _not_honoured(report) == _TORCH_LACKS
 
 
 def test_old_api_problem_is_what_enabling_does(report, fresh):
@@ -261,11 +263,22 @@ def _compat_warnings(model, **options) -> str:
     return "\n".join(str(w.message) for w in caught if issubclass(w.category, CompatWarning))
 
 
+# torch < 2.5 has no selective activation checkpointing: prepare_for_lora refuses selective=True outright.
+_TORCH_LACKS = set() if hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts") else {"selective"}
+
+
 def _options_warned(make_model) -> set:
-    """The options prepare_for_lora warns about, asked for all (memory_budget apart: it excludes two others)."""
-    text = _compat_warnings(make_model(), every_n_layers=2, offload=True, selective=True, fused_attention=True)
+    """The options prepare_for_lora warns about (or refuses), asked for all (memory_budget apart: it excludes two
+    others)."""
+    selective = "selective" not in _TORCH_LACKS
+    text = _compat_warnings(make_model(), every_n_layers=2, offload=True, selective=selective, fused_attention=True)
     text += "\n" + _compat_warnings(make_model(), memory_budget="1GiB")
-    return {option for option, marker in _WARNED_AS.items() if re.search(marker, text)}
+    found = {option for option, marker in _WARNED_AS.items() if re.search(marker, text)}
+    if not selective:
+        with pytest.raises(UnsupportedTorchError, match="selective"):
+            prepare_for_lora(make_model(), selective=True)
+        found.add("selective")
+    return found
 
 
 def _not_honoured(report) -> set:
@@ -289,7 +302,7 @@ def test_options_not_honoured_is_what_prepare_for_lora_warns_remote(report, fres
         return models[-1]
 
     try:
-        assert _not_honoured(report) == _options_warned(make) == set()  # the tiny model: every option honoured
+        assert _not_honoured(report) == _options_warned(make) == _TORCH_LACKS  # the tiny model: all that torch has
         path = fresh()
         modeling = path / "modeling_qwen.py"
         modeling.write_text(modeling.read_text().replace('    _no_split_modules = ["QWenBlock"]\n', ""))

@@ -90,6 +90,9 @@ def runs(tiny_qwen_dir, tmp_path_factory) -> dict:
 
 def _ok(runs: dict, engine: str) -> list:
     ranks = runs[engine]
+    unavailable = next((r["unavailable"] for r in ranks if "unavailable" in r), None)
+    if unavailable is not None:
+        pytest.skip(unavailable)  # the engine itself cannot run here (tried on a plain Linear by the worker)
     errors = [r["error"] + "\n" + r["traceback"] for r in ranks if "error" in r]
     assert not errors, f"{engine} failed:\n" + "\n".join(errors)
     return ranks

@@ -1,8 +1,9 @@
 """The scripts in examples/ run end to end on this transformers release, each asserting what it shows (issue 11).
 
 Each runs in a subprocess, as a user runs it (no arguments: the tiny built-in model, offline, CPU). They take
-about 10-20 s each, so the nox matrix runs them on its quick rows only (one per era: 4.31, 4.35, 4.55, newest
-5.x; ``QCC_RUN_EXAMPLES=0`` on the other rows); ``nox -s package`` also runs one from the installed wheel.
+about 10-20 s each, so the nox matrix runs them on its quick rows only (4.31, 4.35, 4.55 and the newest 5.x on
+Python 3.11 and torch 2.13; ``QCC_RUN_EXAMPLES=0`` on the other rows, the era rows included); ``nox -s package``
+also runs one from the installed wheel.
 """
 
 from __future__ import annotations

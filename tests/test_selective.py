@@ -14,6 +14,7 @@ from helpers import (
     lora,
     max_relative_difference,
     needs_kwargs,
+    needs_selective,
     step_grads,
 )
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,6 +50,7 @@ def _counted_step(model, inputs) -> tuple[dict, OpCounts, Counter]:
     return grads, ops, blocks
 
 
+@needs_selective
 def test_selective_recomputes_everything_but_attention_with_equal_grads(qwen, tiny_qwen_dir):
     from helpers import load_qwen
 
@@ -73,6 +75,7 @@ def test_selective_recomputes_everything_but_attention_with_equal_grads(qwen, ti
     assert settings.selective is True and "context_fn" in settings.kwargs
 
 
+@needs_selective
 def test_selective_is_the_default_for_later_enables(qwen):
     """Trainer re-enables checkpointing with no preference: the prepared choice stays."""
     prepare_for_lora(qwen, selective=True)
@@ -83,6 +86,7 @@ def test_selective_is_the_default_for_later_enables(qwen):
 
 
 @needs_kwargs
+@needs_selective
 def test_an_explicit_reentrant_request_drops_selective_with_a_warning(qwen):
     prepare_for_lora(qwen, selective=True)
     with pytest.warns(CompatWarning, match="selective recompute cannot be used"):
@@ -99,12 +103,13 @@ def test_selective_needs_the_non_reentrant_checkpoint(qwen):
 
 
 def test_torch_without_selective_checkpointing_gets_a_clear_error(qwen, monkeypatch):
-    monkeypatch.delattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
-    with pytest.raises(UnsupportedTorchError, match=r"torch >= 2\.4.*create_selective_checkpoint_contexts"):
+    monkeypatch.delattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts", raising=False)  # < 2.5 lacks it
+    with pytest.raises(UnsupportedTorchError, match=r"torch >= 2\.5.*create_selective_checkpoint_contexts"):
         prepare_for_lora(qwen, selective=True)
     prepare_for_lora(qwen)  # everything else still works
 
 
+@needs_selective
 def test_native_models_get_selective_recompute_through_transformers(native_model_factory):
     if not HAS_CHECKPOINTING_KWARGS:
         pytest.skip("this transformers takes no checkpointing kwargs")

@@ -3,8 +3,10 @@
     nox && nox -s table
     python tools/compat_table.py --reports reports --constraints constraints --output docs/compatibility.md
 
-Each ``constraints/<row-id>.txt`` is one matrix row; its tests wrote ``reports/<row-id>.xml`` (and
-``reports/<row-id>+<variant>.xml`` for variants such as ``+no-tsg``). Every test carries
+Each ``constraints/<row-id>.txt`` is one matrix row (an era row's id also names its Python and torch:
+``<transformers>-py<X.Y>-torch<version>``); its tests wrote ``reports/<row-id>.xml`` (and
+``reports/<row-id>+<variant>.xml`` for variants such as ``+no-tsg``). The Python and torch columns are what the
+run recorded (tests/conftest.py); for a row that did not run, what its constraints file is resolved for. Every test carries
 ``@pytest.mark.behaviour("<column>")``, which tests/conftest.py records as the JUnit property
 ``behaviour``. A cell is ``yes`` when all of the column's tests passed, ``no`` when one failed,
 ``xfail`` for a known (strict xfail) failure, ``n/a`` when all were skipped, ``—`` with no test.
@@ -71,6 +73,21 @@ def read_pins(path: Path) -> dict[str, str]:
     return pins
 
 
+def read_python(path: Path) -> str | None:
+    """The Python a constraints file was resolved for (its recorded ``--python-version``)."""
+    match = re.search(r"--python-version (\S+)", path.read_text(encoding="utf-8"))
+    return match.group(1) if match else None
+
+
+def read_properties(path: Path) -> dict[str, str]:
+    """The test-suite properties of one JUnit XML report (``python`` and ``torch``, see tests/conftest.py)."""
+    properties: dict[str, str] = {}
+    for suite in ET.parse(path).getroot().iter("testsuite"):
+        for prop in suite.findall("./properties/property"):
+            properties[prop.get("name", "")] = prop.get("value", "")
+    return properties
+
+
 def _version_key(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in re.findall(r"\d+", version))
 
@@ -114,9 +131,11 @@ def cell(cases: list[Case], notes: Notes) -> str:
     if "xfailed" in by_outcome:
         reasons = sorted({c.message for c in by_outcome["xfailed"]})
         return "xfail " + " ".join(notes.ref(f"known failure (strict xfail): {r}") for r in reasons)
+    reasons = sorted({c.message for c in by_outcome.get("skipped", [])})
     if "passed" in by_outcome:
-        return "yes"
-    reasons = sorted({c.message for c in by_outcome["skipped"]})
+        # Some of the column's tests may not apply on this row (an option this release lacks, an engine this
+        # torch cannot run on the CPU): the note says which.
+        return " ".join(["yes", *(notes.ref(f"partly skipped: {r}") for r in reasons)])
     return "n/a " + " ".join(notes.ref(f"skipped: {r}") for r in reasons)
 
 
@@ -127,19 +146,25 @@ def summary(cases: list[Case]) -> str:
 
 def render(reports: Path, constraints: Path, torch: str) -> str:
     rows = sorted(
-        ((path.stem, read_pins(path)) for path in constraints.glob("*.txt")),
-        key=lambda row: _version_key(row[1].get("transformers", "0")),
+        ((path.stem, read_pins(path), read_python(path)) for path in constraints.glob("*.txt")),
+        key=lambda row: (_version_key(row[1].get("transformers", "0")), row[0]),
     )
     notes = Notes()
-    head = ["row", "transformers", *(c.replace("-", "_") for c in COMPANIONS), "torch", *BEHAVIOURS, "tests"]
+    head = ["row", "python", "torch", "transformers", *(c.replace("-", "_") for c in COMPANIONS), *BEHAVIOURS, "tests"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     unknown: set[str] = set()
-    for row_id, pins in rows:
+    for row_id, pins, python in rows:
         variants = [reports / f"{row_id}.xml", *sorted(reports.glob(f"{row_id}+*.xml"))]
         for report in variants:
             variant = report.stem.partition("+")[2]
             label = f"`{row_id}`" + (f" ({VARIANTS.get(variant, variant)})" if variant else "")
-            versions = [pins.get("transformers", "?"), *(pins.get(c, "—") for c in COMPANIONS), torch]
+            ran = read_properties(report) if report.is_file() else {}
+            versions = [
+                ran.get("python") or python or "?",
+                ran.get("torch") or pins.get("torch") or torch,
+                pins.get("transformers", "?"),
+                *(pins.get(c, "—") for c in COMPANIONS),
+            ]
             if not report.is_file():
                 if variant:
                     continue
@@ -157,13 +182,17 @@ def render(reports: Path, constraints: Path, torch: str) -> str:
 
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = [
-        "# Compatibility with transformers releases",
+        "# Compatibility with transformers, Python and torch releases",
         "",
         f"Generated {now} by `{COMMAND}` (tools/compat_table.py over reports/*.xml).",
         "Each row is one nox matrix session: that transformers release with the companions PyPI had",
-        f"the day after it came out, pinned in `constraints/<row>.txt`, and torch {torch} (CPU).",
+        f"the day after it came out, pinned in `constraints/<row>.txt`, on Python 3.11 and torch {torch} (CPU).",
+        "Era rows (`<transformers>-py<X.Y>-torch<version>`, session `tests-era`) prove the Python and torch bounds:",
+        "that Python, PyPI's torch build (run on the CPU) and everything else as PyPI had it then, the test",
+        "runner excepted. The python and torch columns are what each run recorded.",
         "",
-        "Cells: **yes** = every test of that behaviour passed; **no** = at least one failed;",
+        "Cells: **yes** = every test of that behaviour that ran passed (a note names those skipped on that",
+        "row); **no** = at least one failed;",
         "**xfail** = a known failure (strict xfail, reason in the note); **n/a** = skipped on this",
         "row (reason in the note); **—** = no test for it.",
         "",

@@ -183,7 +183,7 @@ def _options_not_honoured(ctx: _Context) -> tuple:
         reasons.append("memory_budget and fused_attention are for old remote-code models only")
     if "selective" not in names and ctx.runtime.selective_available is False:
         names.append("selective")
-        reasons.append(f"selective recompute needs torch >= 2.4 (installed: {ctx.runtime.versions.get('torch')})")
+        reasons.append(f"selective recompute needs torch >= 2.5 (installed: {ctx.runtime.versions.get('torch')})")
     return names, reasons
 
 

@@ -50,7 +50,7 @@ from qwen_ckpt_compat import (  # noqa: E402
 from qwen_ckpt_compat.detection import is_decoder_block  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "w1", "w2"]
-NO_PREFERENCE_KWARGS = {"use_reentrant": False}
+NON_REENTRANT = {"use_reentrant": False}
 
 
 def parse() -> argparse.Namespace:
@@ -62,6 +62,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--global-batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--fsdp-version", type=int, default=None)
+    parser.add_argument("--no-kwargs", action="store_true",
+                        help="ask for no use_reentrant anywhere (kbit preparation, Trainer): the library's default")
     parser.add_argument("--cpu", action="store_true", help="smoke test on the CPU (gloo, float32, ddp/fsdp only)")
     parser.add_argument("--out", required=True)
     return parser.parse_args()
@@ -169,7 +171,8 @@ def training_arguments(args: argparse.Namespace, out: Path, world: int):
     # Trainer enables checkpointing itself (through the library's routing) unless the engine's own does it.
     if args.engine not in ("fsdp-engine-ac", "fsdp-both"):
         options[f"{prefix}_checkpointing"] = True
-        options[f"{prefix}_checkpointing_kwargs"] = dict(NO_PREFERENCE_KWARGS)
+        if not args.no_kwargs:
+            options[f"{prefix}_checkpointing_kwargs"] = dict(NON_REENTRANT)
     if args.engine.startswith("fsdp"):
         config = {"transformer_layer_cls_to_wrap": ["QWenBlock"], "use_orig_params": True}
         if args.fsdp_version is not None:
@@ -288,7 +291,9 @@ def main() -> None:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs=dict(NO_PREFERENCE_KWARGS)
+            model,
+            use_gradient_checkpointing=True,
+            gradient_checkpointing_kwargs=None if args.no_kwargs else dict(NON_REENTRANT),
         )
     if args.order == "prepare-after":
         prepare_for_lora(model, use_gradient_checkpointing=library_checkpoints)

@@ -166,10 +166,11 @@ class QWenAttention(nn.Module):
                 if attention_mask is not None:
                     mask = mask + attention_mask
                 mask = mask.masked_fill(~causal, torch.finfo(query.dtype).min)
+            # As in Qwen v1: SDPA with its default 1/sqrt(head_dim) scaling (torch 2.0 has no `scale=`).
             dropout_p = self.attn_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout_p, scale=scale
-            )
+            if not self.scale_attn_weights:
+                query = query * math.sqrt(self.head_dim)
+            context = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout_p)
 
         context = context.transpose(1, 2).reshape(hidden_states.shape[0], q_len, self.projection_size)
         outputs = (self.c_proj(context), present)
