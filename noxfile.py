@@ -390,6 +390,8 @@ def _install_and_test(
     env = _test_env(session)
     if not stream_generator:
         env["QCC_WITHOUT_STREAM_GENERATOR"] = "1"
+    if not (row.quick and stream_generator and era is None):
+        env["QCC_RUN_EXAMPLES"] = "0"  # tests/test_examples.py: about 30 s a row; the quick rows cover each era
     with _timed(session, "pytest"):
         session.run(
             "python",
@@ -441,7 +443,7 @@ def tests_era(session: nox.Session, era_id: str) -> None:
 # Runs alone (allow_parallel=False): it builds in the source tree (build/, egg-info, dist/).
 @nox.session(python=PYTHON, reuse_venv=False, allow_parallel=False)
 def package(session: nox.Session) -> None:
-    """Build sdist + wheel, install the wheel into a clean venv, run the demo outside the repo."""
+    """Build sdist + wheel, install the wheel into a clean venv, run the demo and an example outside the repo."""
     with _timed(session, "build"):
         shutil.rmtree(ROOT / "dist", ignore_errors=True)
         # uv builds the sdist, then the wheel from the sdist: a file missing from the sdist fails here.
@@ -472,6 +474,10 @@ def package(session: nox.Session) -> None:
         # the doctor and the JSON Schema it documents ship in the wheel
         session.run("python", "-c", "from qwen_ckpt_compat.doctor import SCHEMA_PATH; assert SCHEMA_PATH.is_file()")
         session.run("python", "-m", "qwen_ckpt_compat", "doctor", env=_test_env(session))
+    with _timed(session, "example"), session.chdir(outside):
+        # A user's script against the installed wheel (its testing fixture included); it asserts what it shows.
+        example = str(ROOT / "examples" / "tutorial_lora.py")
+        session.run("python", example, env={**_test_env(session), "TMPDIR": outside, "TQDM_DISABLE": "1"})
     shutil.rmtree(outside, ignore_errors=True)
 
 

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .detection import is_old_checkpointing_api, unwrap_model
 from .errors import CheckpointingNotSupportedError, CompatWarning
 from .patching import (
     DEFAULT_CHECKPOINT_KWARGS,
     CheckpointRequest,
+    checkpoint_settings,
+    checkpointing_defaults,
     disable_routed_checkpointing,
     enable_routed_checkpointing,
+    is_patched,
     patch,
     set_checkpointing_defaults,
     set_fused_attention,
 )
+from .routing import reentrancy_of
 from .versions import capabilities, require_checkpoint_keywords
 
 __all__ = ["prepare_for_lora"]
@@ -56,9 +61,12 @@ def prepare_for_lora(
             model turned it on by itself while it was being built (Baichuan2's config does); old remote-code
             models are still patched and given the defaults, so that a later ``gradient_checkpointing_enable()``
             or ``Trainer(gradient_checkpointing=True)`` works as asked.
-        gradient_checkpointing_kwargs (`dict`, *optional*, defaults to `{"use_reentrant": False}`):
+        gradient_checkpointing_kwargs (`dict`, *optional*):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
-            non-reentrant variant is used.
+            non-reentrant variant is used. Not given: no preference. The checkpointing already in effect on the
+            model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
+            earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
+            `{"use_reentrant": False}` (reentrant for old remote code with bitsandbytes 8-bit layers).
         every_n_layers (`int`, *optional*, defaults to 1):
             Checkpoint decoder blocks ``0, n, 2n, ...`` only and keep the activations of the others: less
             recomputation for more memory. Honoured for old remote-code models on every release, and for
@@ -92,9 +100,9 @@ def prepare_for_lora(
     Example:
 
     ```python
+    >>> from qwen_ckpt_compat import prepare_for_lora  # first: before from_pretrained (4.57+ and 5.x)
     >>> from transformers import AutoModelForCausalLM
     >>> from peft import LoraConfig, get_peft_model
-    >>> from qwen_ckpt_compat import prepare_for_lora
 
     >>> model = AutoModelForCausalLM.from_pretrained("Qwen/Qwen-7B-Chat", trust_remote_code=True)
     >>> model = prepare_for_lora(model)
@@ -110,17 +118,38 @@ def prepare_for_lora(
             "(its `supports_gradient_checkpointing` is False); pass use_gradient_checkpointing=False to prepare "
             "it without checkpointing."
         )
+    kept = None  # a checkpoint function in effect whose kwargs cannot be read (a framework's own): kept as is
+    if request.kwargs is None:
+        # No preference: what is in effect stays. Selective recompute and a memory budget are built on the
+        # library's own checkpoint, so with them nothing in effect is looked up.
+        planned = request.selective or request.memory_budget is not None
+        in_effect = None if planned else _checkpointing_in_effect(root)
+        if isinstance(in_effect, dict):
+            request = replace(request, kwargs=in_effect)
+        else:
+            kept = in_effect
+            # Nothing in effect. Old remote code: no kwargs, so that the patch picks the mode for the model
+            # (non-reentrant; reentrant with bitsandbytes 8-bit layers). Native: the library default.
+            if not is_old_checkpointing_api(root):
+                request = replace(request, kwargs=dict(DEFAULT_CHECKPOINT_KWARGS))
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
         _set_fused_attention(root, fused_attention)
         if use_gradient_checkpointing:
-            enable_routed_checkpointing(root)
+            enable_routed_checkpointing(root, function=kept)
+            if kept is not None and offload:
+                _warn_kept(root, kept, "offload=True")
         else:
             disable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
-        _call_enable(root, _native_request(root, request, fused_attention))
-        if _native_is_reentrant(request) and getattr(root, "_require_grads_hook", None) is None:
+        native_request = _native_request(root, request, fused_attention)
+        if kept is None:
+            _call_enable(root, native_request)
+        elif every_n_layers != 1 or offload:
+            _warn_kept(root, kept, f"every_n_layers={every_n_layers}, offload={offload}")
+        reentrant = _native_is_reentrant(request) if kept is None else reentrancy_of(kept) is not False
+        if reentrant and getattr(root, "_require_grads_hook", None) is None:
             root.enable_input_require_grads()
     elif any(getattr(module, "gradient_checkpointing", False) is True for module in root.modules()):
         getattr(root, capabilities().enable_method_name.replace("enable", "disable"))()
@@ -139,8 +168,9 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
     require_checkpoint_keywords(kwargs or {})  # e.g. context_fn on torch 2.0: refused now, not mid-training
     # A dict without `use_reentrant` expresses no preference on the mode: the non-reentrant default applies.
+    # No dict at all is no preference whatsoever: resolved against the model by prepare_for_lora.
     return CheckpointRequest(
-        kwargs={**DEFAULT_CHECKPOINT_KWARGS, **(kwargs or {})},
+        kwargs=None if kwargs is None else {**DEFAULT_CHECKPOINT_KWARGS, **kwargs},
         every_n_layers=every_n_layers,
         offload=offload,
     )
@@ -235,3 +265,55 @@ def _native_is_reentrant(request: CheckpointRequest) -> bool:
     if capabilities().checkpointing_kwargs:
         return bool(request.kwargs and request.kwargs["use_reentrant"])
     return True  # no kwargs on this release: torch's default, which is reentrant
+
+
+def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
+    """What ``root`` checkpoints with now, for a ``prepare_for_lora`` call that expresses no preference.
+
+    Returns the kwargs for ``torch.utils.checkpoint.checkpoint``, or the checkpoint function itself when its
+    kwargs cannot be read (a framework's own wrapper); ``None`` when nothing is in effect. Checkpointing that
+    is on comes first, then the defaults an earlier ``prepare_for_lora`` stored.
+    """
+    flagged = [module for module in root.modules() if module.__dict__.get("gradient_checkpointing")]
+    if is_old_checkpointing_api(root):
+        if flagged and not is_patched(root):
+            # Enabled the old way before the patch (a framework's helper, transformers' fallback): the remote
+            # code's own checkpoint call, which passes no kwargs, so torch's default, reentrant, is in effect.
+            return {"use_reentrant": True}
+        settings = checkpoint_settings(root) if flagged else None
+        if settings is not None:
+            return _own_kwargs(settings.kwargs) if settings.kwargs is not None else settings.function
+        defaults = checkpointing_defaults(root)
+        return _own_kwargs(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
+    functions = (m.__dict__["_gradient_checkpointing_func"] for m in flagged if "_gradient_checkpointing_func" in m.__dict__)
+    function = next(functions, None)
+    if function is None:
+        return None  # off, or transformers <= 4.34, which stores no function (and takes no kwargs)
+    if isinstance(function, functools.partial) and _is_transformers_checkpoint(function.func):
+        # What transformers builds: partial(checkpoint or its offloading wrapper, **kwargs). Without
+        # `use_reentrant` torch's default mode, reentrant, is in effect.
+        return {"use_reentrant": True, **_own_kwargs(function.keywords)}
+    return function
+
+
+def _own_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """Checkpoint kwargs without ``context_fn``: selective recompute is an option of its own (``selective``)."""
+    return {name: value for name, value in kwargs.items() if name != "context_fn"}
+
+
+def _is_transformers_checkpoint(function: Any) -> bool:
+    """torch's checkpoint itself, or a wrapper defined by transformers (the 5.17+ offloading one)."""
+    module = getattr(function, "__module__", None) or ""
+    if module == "torch.utils.checkpoint":
+        return getattr(function, "__name__", None) == "checkpoint"
+    return module.split(".")[0] == "transformers"
+
+
+def _warn_kept(root: Any, function: Callable, options: str) -> None:
+    warnings.warn(
+        f"{type(root).__qualname__} already checkpoints through {getattr(function, '__qualname__', repr(function))}, "
+        f"set up before (by a framework's own helper?); without gradient_checkpointing_kwargs it is kept as it is, "
+        f"so {options} cannot be applied. Pass gradient_checkpointing_kwargs to replace it.",
+        CompatWarning,
+        stacklevel=3,
+    )

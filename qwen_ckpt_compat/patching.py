@@ -51,6 +51,7 @@ from .versions import require_checkpoint_keywords
 __all__ = [
     "CheckpointRequest",
     "checkpoint_settings",
+    "checkpointing_defaults",
     "enable_routed_checkpointing",
     "disable_routed_checkpointing",
     "is_patched",
@@ -489,13 +490,13 @@ def is_patched(model_or_class: Any) -> bool:
     return cls is not None and cls in _PATCHES
 
 
-def enable_routed_checkpointing(model: Any) -> None:
+def enable_routed_checkpointing(model: Any, *, function: Optional[Callable] = None) -> None:
     """Enables checkpointing on a patched model with its defaults, without going through transformers.
 
     What ``gradient_checkpointing_enable()`` does once patched, minus what transformers adds around it (on 5.x
-    another input-embedding hook per call).
+    another input-embedding hook per call). A ``function`` given is used as the checkpoint function as it is.
     """
-    _toggle(unwrap_model(model), True, None, None)
+    _toggle(unwrap_model(model), True, function, None)
 
 
 def disable_routed_checkpointing(model: Any) -> None:
@@ -511,6 +512,11 @@ def disable_routed_checkpointing(model: Any) -> None:
 def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
     """Stores what ``model`` checkpoints with when an enable call expresses no preference."""
     unwrap_model(model).__dict__[_DEFAULTS_ATTR] = request
+
+
+def checkpointing_defaults(model: Any) -> Optional[CheckpointRequest]:
+    """What :func:`set_checkpointing_defaults` stored on ``model``, or ``None``."""
+    return unwrap_model(model).__dict__.get(_DEFAULTS_ATTR)
 
 
 def set_fused_attention(model: Any, enabled: bool) -> int:

@@ -7,8 +7,9 @@ the way transformers' native ``GradientCheckpointingLayer`` does:
 
 * a block runs ``_gradient_checkpointing_func(partial(block.__call__, **kwargs), *args)`` when its
   ``gradient_checkpointing`` flag is set, it is training and grad mode is on;
-* the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on and it is
-  training, the duty its forward performs when checkpointing itself;
+* the module that owns the blocks (``QWenModel``) gets ``use_cache=False`` while routing is on, it is
+  training and grad mode is on, the duty its forward performs when checkpointing itself (without grad
+  nothing is checkpointed, so generation in training mode keeps its KV cache);
 * a block whose engine prepares its inputs in forward pre-hooks (FSDP2 casts them to the mixed-precision
   dtype) checkpoints its ``forward`` instead, inside those hooks, so that the recompute sees the same inputs;
 * a block that an engine's own activation checkpointing already wraps (FSDP's ``activation_checkpointing``)
@@ -25,6 +26,7 @@ import functools
 import inspect
 import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -185,8 +187,12 @@ def _use_cache_position(forward: Callable) -> Optional[int]:
 
 
 def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed."""
-    if not (instance.__dict__.get(OWNER_FLAG) and instance.training):
+    """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed.
+
+    Without grad (``generate``, ``model.chat()``, evaluation under ``torch.no_grad()``) no block checkpoints,
+    so the cache is kept even in training mode: otherwise every new token would recompute the whole prefix.
+    """
+    if not (instance.__dict__.get(OWNER_FLAG) and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
     _leave_blocks_to_engine_checkpointing(instance)
     position = _use_cache_position(type(instance).forward)
@@ -225,14 +231,21 @@ def _leave_blocks_to_engine_checkpointing(owner: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ per model
 
 
-def _make_inputs_require_grad(module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+def _make_inputs_require_grad(
+    model_ref: weakref.ref, module: torch.nn.Module, inputs: Any, output: torch.Tensor
+) -> None:
+    model = model_ref()
+    if model is not None and getattr(model, "_require_grads_hook", None) is not None:
+        # Added since ours (peft, or a tutorial's own `enable_input_require_grads()`): one hook is enough.
+        _set_input_grads(model, False)
     output.requires_grad_(True)
 
 
 def _set_input_grads(model: Any, wanted: bool) -> None:
     """Adds (once) or removes this library's input-embedding hook.
 
-    A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then.
+    A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then, or at
+    its next run when theirs came later.
     """
     theirs = getattr(model, "_require_grads_hook", None) is not None
     handle = model.__dict__.get(INPUT_GRADS_HOOK)
@@ -244,7 +257,8 @@ def _set_input_grads(model: Any, wanted: bool) -> None:
     if handle is not None:
         return
     embeddings = model.get_input_embeddings()
-    model.__dict__[INPUT_GRADS_HOOK] = embeddings.register_forward_hook(_make_inputs_require_grad)
+    hook = functools.partial(_make_inputs_require_grad, weakref.ref(model))
+    model.__dict__[INPUT_GRADS_HOOK] = embeddings.register_forward_hook(hook)
 
 
 def route(

@@ -292,6 +292,17 @@ def test_8bit_models_warn_once_when_non_reentrant_is_asked(qwen, int8_layer_clas
 
 
 @pytest.mark.behaviour("engines")
+def test_8bit_models_prepare_for_lora_without_kwargs_is_reentrant_and_quiet(qwen, int8_layer_class):
+    """No kwargs is no preference (issue 11): the mode the library picks for 8-bit models, without a warning."""
+    _swap_in(qwen, int8_layer_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatWarning)
+        prepare_for_lora(qwen)
+    assert checkpoint_settings(qwen).use_reentrant is True
+    assert len(step_grads(lora(qwen))) == 20
+
+
+@pytest.mark.behaviour("engines")
 def test_models_without_8bit_layers_keep_the_non_reentrant_default(qwen):
     from helpers import enable
 

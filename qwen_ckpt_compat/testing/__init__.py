@@ -38,12 +38,15 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Union
 if TYPE_CHECKING:
     import torch
 
+from .watch import CheckpointWatch, watch_checkpointing
+
 __all__ = [
     "REMOTE_CODE_DIR",
     "REMOTE_CODE_FILES",
     "TARGET_MODULES",
     "TINY_FAMILIES",
     "TinyFamily",
+    "CheckpointWatch",
     "load_tiny_baichuan",
     "load_tiny_chatglm",
     "load_tiny_internlm",
@@ -58,6 +61,7 @@ __all__ = [
     "write_tiny_new_api_model",
     "write_tiny_qwen",
     "write_tiny_qwen_vl",
+    "watch_checkpointing",
 ]
 
 TARGET_MODULES: Tuple[str, ...] = ("c_attn", "c_proj", "w1", "w2")
