@@ -36,11 +36,7 @@ def test_enable_works_once_patched(qwen):
 
 @pytest.mark.skipif(not ENABLE_RAISES_TYPEERROR, reason="the TypeError exists on 4.35.x only")
 def test_the_4_35_typeerror_is_gone(qwen):
-    from qwen_ckpt_compat import unpatch
-
-    enable(qwen)  # patched when it was loaded (the import hook): enabling works right away
-    assert checkpointing_on(qwen)
-    unpatch(qwen)  # as if it had been loaded before the import
+    """`qwen` comes with its class unpatched, as if loaded before the import (test_loading_patch: patched at load)."""
     with pytest.raises(TypeError, match="unexpected keyword argument 'enable'"):
         enable(qwen)
     patch(qwen)

@@ -28,6 +28,7 @@ from qwen_ckpt_compat import (
     patch,
     prepare_for_lora,
     routing,
+    unpatch,
 )
 from qwen_ckpt_compat.selective import selective_checkpointing_available
 from qwen_ckpt_compat.testing import watch_checkpointing
@@ -93,6 +94,7 @@ def test_framework_after_prepare_for_lora_reaches_torch(qwen, use_reentrant):
 
 def test_prepare_for_lora_after_the_framework_keeps_its_reentrant_checkpointing(qwen):
     """Before the patch the framework takes the old path: the remote code's own, reentrant checkpoint."""
+    unpatch(qwen)  # a class loaded before the import (the import hook patches classes as they load)
     framework_enables_checkpointing(qwen, use_reentrant=True)
     assert not is_patched(qwen) and qwen.transformer.gradient_checkpointing is True
     model = lora(prepare_for_lora(qwen))
@@ -103,6 +105,7 @@ def test_prepare_for_lora_after_the_framework_keeps_its_reentrant_checkpointing(
 
 def test_before_the_patch_a_framework_cannot_ask_for_non_reentrant(qwen):
     """The old path drops the framework's kwargs; what was in effect (reentrant) is what prepare_for_lora keeps."""
+    unpatch(qwen)  # a class loaded before the import (the import hook patches classes as they load)
     framework_enables_checkpointing(qwen, use_reentrant=False)
     model = lora(qwen)
     with watch_checkpointing(model) as before:
