@@ -5,6 +5,8 @@
     python bench/report.py RESULTS.json --docs /tmp/docs      # somewhere else
 
 Needs only the standard library, and matplotlib for the plot (without it the page is written, the plot is not).
+What the numbers mean is written by hand beside the JSON, in RESULTS.notes.md (e.g. bench/results/h200.notes.md);
+where that file exists, the page includes it under "What the numbers say".
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def plot(report: dict, path: Path) -> bool:
     return True
 
 
-def render(report: dict, source: str, plotted: bool) -> str:
+def render(report: dict, source: str, plotted: bool, notes: str = "") -> str:
     meta = report["meta"]
     versions = meta["versions"]
     shapes = meta["shapes"]
@@ -191,6 +193,8 @@ def render(report: dict, source: str, plotted: bool) -> str:
         lines += [f"At sequence length {max(shapes['seqs'])}.", "", "| target | measured | met |", "|---|---|---|"]
         for what, shown, met in targets(report):
             lines.append(f"| {what} | {shown} | {'n/a' if met is None else 'yes' if met else '**no**'} |")
+    if notes.strip():
+        lines += ["", "## What the numbers say", "", notes.strip()]
     lines += ["", "## The memory plans", "", "What `memory_plan(model)` said after the run (`print(memory_plan(model))`).", ""]
     lines += plans(report)
     own = meta.get("transformers_own") or {}
@@ -251,7 +255,9 @@ def main(argv: Optional[list] = None) -> int:
         source = str(args.results.resolve().relative_to(ROOT))
     except ValueError:
         source = args.results.name
-    (args.docs / "performance.md").write_text(render(report, source, plotted), encoding="utf-8")
+    notes_file = args.results.with_suffix(".notes.md")
+    notes = notes_file.read_text(encoding="utf-8") if notes_file.is_file() else ""
+    (args.docs / "performance.md").write_text(render(report, source, plotted, notes), encoding="utf-8")
     print(f"wrote {args.docs / 'performance.md'}" + ("" if plotted else " (no plot: no peaks or no matplotlib)"))
     return 0
 

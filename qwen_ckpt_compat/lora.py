@@ -63,7 +63,7 @@ def prepare_for_lora(
             or ``Trainer(gradient_checkpointing=True)`` works as asked.
         gradient_checkpointing_kwargs (`dict`, *optional*):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
-            non-reentrant variant is used. Not given: no preference. The checkpointing already in effect on the
+            non-reentrant variant is used (reentrant for old remote code with bitsandbytes 8-bit layers). Not given: no preference. The checkpointing already in effect on the
             model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
             earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
             `{"use_reentrant": False}` (reentrant for old remote code with bitsandbytes 8-bit layers).
@@ -143,6 +143,8 @@ def prepare_for_lora(
         else:
             disable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
+        if request.kwargs is not None:
+            request = replace(request, kwargs={**DEFAULT_CHECKPOINT_KWARGS, **request.kwargs})
         native_request = _native_request(root, request, fused_attention)
         if kept is None:
             _call_enable(root, native_request)
@@ -167,10 +169,11 @@ def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int,
     if not isinstance(offload, bool):
         raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
     require_checkpoint_keywords(kwargs or {})  # e.g. context_fn on torch 2.0: refused now, not mid-training
-    # A dict without `use_reentrant` expresses no preference on the mode: the non-reentrant default applies.
-    # No dict at all is no preference whatsoever: resolved against the model by prepare_for_lora.
+    # A dict without `use_reentrant` expresses no preference on the mode: the patch picks it for an old remote-code
+    # model, the library default applies to a native one. No dict at all is no preference whatsoever: resolved
+    # against the model by prepare_for_lora.
     return CheckpointRequest(
-        kwargs=None if kwargs is None else {**DEFAULT_CHECKPOINT_KWARGS, **kwargs},
+        kwargs=None if kwargs is None else dict(kwargs),
         every_n_layers=every_n_layers,
         offload=offload,
     )

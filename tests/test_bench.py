@@ -77,6 +77,15 @@ def test_report_renders(tiny_report, tmp_path):
     assert "memory plan for batch 1 x 32 tokens" in page
 
 
+def test_report_includes_the_notes_beside_the_json(tiny_report, tmp_path):
+    source = tmp_path / "run.json"
+    source.write_text(tiny_report.read_text())
+    source.with_suffix(".notes.md").write_text("The budget held; selective did not.\n")
+    _run("bench/report.py", str(source), "--docs", str(tmp_path / "docs"))
+    page = (tmp_path / "docs" / "performance.md").read_text()
+    assert "## What the numbers say\n\nThe budget held; selective did not." in page
+
+
 def test_plot_is_drawn_where_there_are_peaks(tiny_report, tmp_path):
     """A rendering check: the CPU has no peaks, so peaks are filled in (by step time) to exercise the plot."""
     pytest.importorskip("matplotlib")

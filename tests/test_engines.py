@@ -303,6 +303,19 @@ def test_8bit_models_prepare_for_lora_without_kwargs_is_reentrant_and_quiet(qwen
 
 
 @pytest.mark.behaviour("engines")
+def test_8bit_models_given_kwargs_without_use_reentrant_are_reentrant(qwen, int8_layer_class):
+    """A dict without ``use_reentrant`` expresses no preference on the mode: the mode picked for the model."""
+    _swap_in(qwen, int8_layer_class)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatWarning)
+        prepare_for_lora(qwen, gradient_checkpointing_kwargs={"preserve_rng_state": False})
+    settings = checkpoint_settings(qwen)
+    assert settings.use_reentrant is True
+    assert settings.kwargs["preserve_rng_state"] is False
+    assert len(step_grads(lora(qwen))) == 20
+
+
+@pytest.mark.behaviour("engines")
 def test_models_without_8bit_layers_keep_the_non_reentrant_default(qwen):
     from helpers import enable
 
