@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -116,6 +117,29 @@ def decoder_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
 def is_decoder_block(module: "torch.nn.Module", names: "set[str] | frozenset[str] | tuple[str, ...]") -> bool:
     """Whether ``module``'s own class is one of the decoder-block class ``names`` (also once FSDP2 renamed it)."""
     return own_class(module).__name__ in names
+
+
+def bound_to_model_classes(function: Callable, model: "torch.nn.Module") -> Callable:
+    """``function`` with the global names it looks up resolved to the classes ``model`` was built from.
+
+    transformers re-executes a remote module when its folder is loaded again (4.40-4.43 do): the module's globals
+    then name new classes, and an old ``_set_gradient_checkpointing``'s ``isinstance(module, QWenModel)`` no longer
+    matches the modules of a model built before. Each name ``function`` reads that is also the name of one of the
+    model's own classes is rebound to that class; nothing else changes. Non-Python callables come back as they are.
+    """
+    code = getattr(function, "__code__", None)
+    if code is None:
+        return function
+    found: dict = {}
+    for module in model.modules():
+        cls = own_class(module)
+        found.setdefault(cls.__name__, cls)
+    rebound = {name: found[name] for name in code.co_names if name in found and function.__globals__.get(name) is not found[name]}
+    if not rebound:
+        return function
+    clone = types.FunctionType(code, {**function.__globals__, **rebound}, function.__name__, function.__defaults__, function.__closure__)
+    clone.__kwdefaults__ = function.__kwdefaults__
+    return clone
 
 
 def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["torch.nn.Module"]:

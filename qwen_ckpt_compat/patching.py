@@ -37,6 +37,7 @@ import wrapt
 
 from . import attention, engines, routing
 from .detection import (
+    bound_to_model_classes,
     checkpointing_owners,
     decoder_block_names,
     find_checkpointing_class,
@@ -233,7 +234,7 @@ def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
     """
     from .families import family_of
 
-    owners = checkpointing_owners(model, state.original)
+    owners = checkpointing_owners(model, bound_to_model_classes(state.original, model))
     family = family_of(type(model))
     seen: set = set()
     groups = [_blocks_under(owners, set(decoder_block_names(model)), seen)]
@@ -320,11 +321,12 @@ def _warn_if_non_reentrant_keeps_activations(model: torch.nn.Module) -> None:
 
 def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
     state = _patch_of(model)
+    original = bound_to_model_classes(state.original, model)
     owners, groups = _layout(model, state)
     if not enable:
         routing.unroute(model, owners, [block for group in groups for block in group])
         for owner in owners:
-            state.original(model, owner, value=False)
+            original(model, owner, value=False)
         return
     settings = _settings(model, function, every_n_layers)
     model.__dict__[_SETTINGS_ATTR] = settings
@@ -337,7 +339,7 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
         return
     # No decoder blocks to route (no `_no_split_modules`): the remote code's own, reentrant checkpointing.
     for owner in owners:
-        state.original(model, owner, value=True)
+        original(model, owner, value=True)
     routing.route(model, [], [], replace(settings, use_reentrant=True))
     if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload or settings.memory_budget:
         warnings.warn(

@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers import batch, count_block_calls, enable, lora, max_relative_difference, needs_selective, step_grads
+from helpers import (
+    batch,
+    count_block_calls,
+    enable,
+    lora,
+    max_relative_difference,
+    needs_selective,
+    step_grads,
+)
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, memory_plan, prepare_for_lora
 from qwen_ckpt_compat import budget as budget_module
@@ -291,8 +299,7 @@ def test_trainer_keeps_the_budget_and_its_plan(four_blocks, device, tmp_path):
     a = _block_bytes(model, batch())
     prepare_for_lora(model, memory_budget=_budget_for(2.5, a, device.allocated_bytes, 5 * a))
     device.peak = device.allocated_bytes + 5 * a  # what the measuring step will have reached
-    args = _training_arguments(tmp_path)
-    args.max_steps = 3
+    args = _training_arguments(tmp_path, max_steps=3)
     with count_block_calls(model) as counts:
         transformers.Trainer(model=model, args=args, train_dataset=_Rows(n=6)).train()
     plan = memory_plan(model)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 
 import pytest
 import torch
-from helpers import blocks, count_block_calls, enable, load_qwen, step_grads
+from helpers import blocks, count_block_calls, disable, enable, load_qwen, step_grads
 
-from qwen_ckpt_compat import describe, is_patched, patch, unpatch
+from qwen_ckpt_compat import CompatWarning, describe, is_patched, patch, unpatch
 from qwen_ckpt_compat.testing import write_tiny_qwen
 
 
@@ -131,6 +132,30 @@ def test_several_remote_classes_side_by_side(qwen, tmp_path):
     assert set(counts.values()) == {2}
     unpatch(other)
     assert cls_b.__dict__["_set_gradient_checkpointing"] is original_b
+
+
+def test_a_model_built_before_its_remote_module_was_re_executed_still_checkpoints(qwen, monkeypatch):
+    """transformers 4.40-4.43 re-execute a remote module when its folder is loaded again: the module's names then
+    point at new classes, and the old method's ``isinstance`` checks no longer match a model built before. Every
+    block of that earlier model must still be routed, and turned off again."""
+    import sys
+
+    module = sys.modules[type(qwen).__module__]
+    # What the second from_pretrained does to the module on those releases (undone after the test).
+    monkeypatch.setattr(module, "QWenModel", type("QWenModel", (module.QWenPreTrainedModel,), {}))
+    assert not isinstance(qwen.transformer, module.QWenModel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatWarning)
+        patch(qwen)
+        enable(qwen)
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert len(counts) == 2 and set(counts.values()) == {2}
+    disable(qwen)
+    assert qwen.transformer.gradient_checkpointing is False
+    with count_block_calls(qwen) as counts:
+        step_grads(qwen)
+    assert set(counts.values()) == {1}
 
 
 def test_patch_takes_over_checkpointing_enabled_by_the_remote_code(qwen):

@@ -24,7 +24,13 @@ import torch
 import torch.utils.checkpoint
 from helpers import step_grads
 
-from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, checkpoint_settings, prepare_for_lora, routing
+from qwen_ckpt_compat import (
+    CompatWarning,
+    UnsupportedTorchError,
+    checkpoint_settings,
+    prepare_for_lora,
+    routing,
+)
 from qwen_ckpt_compat.versions import CHECKPOINT_KEYWORD_RELEASES, checkpoint_keywords, installed_version
 
 SAVE_ON_CPU_PARAMETERS = set(inspect.signature(torch.autograd.graph.save_on_cpu).parameters)

@@ -24,10 +24,11 @@ class _Rows(torch.utils.data.Dataset):
         return self.rows[index]
 
 
-def _training_arguments(tmp_path, checkpointing_kwargs=None) -> transformers.TrainingArguments:
+def _training_arguments(tmp_path, checkpointing_kwargs=None, max_steps: int = 2) -> transformers.TrainingArguments:
+    """Arguments built once: 4.32's are frozen after construction."""
     parameters = inspect.signature(transformers.TrainingArguments).parameters
     options = dict(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-2,
         report_to=[], save_strategy="no", logging_steps=1, remove_unused_columns=False, seed=0,
     )
     # 5.23 renamed the switch; the old name stays as a deprecated alias.
