@@ -102,10 +102,31 @@ def test_lora_after_enabling_is_reported_where_it_fails(report, fresh):
         assert grads and all(g.abs().sum() > 0 for g in grads.values())
 
 
-def test_prepare_for_lora_fixes_what_it_is_said_to_fix(report, fresh):
-    fixed = [p for p in report.problems if p.fixed_by in ("prepare_for_lora", "patch")]
-    assert fixed, "every release has the old-API problem"
+def test_the_import_fixes_the_old_api_problems_it_is_said_to_fix(report, fresh):
+    """Said fixed by the import (4.35 on): with the library imported before loading, transformers' own enable
+    call after get_peft_model checkpoints non-reentrantly and every LoRA tensor gets its gradient."""
+    by_import = {p.id for p in report.problems if p.fixed_by == "import"} & (OLD_API_PROBLEMS | {"lora-no-input-grads"})
+    old_api = OLD_API_PROBLEMS & set(report.ids)
+    assert len(old_api) == 1, "every release has one of the old-API problems"
+    if not by_import:
+        assert old_api == {"old-gc-api-reentrant-only"}, "only <= 4.34 (no kwargs to pass) needs prepare_for_lora"
+        return
     model = load_tiny_qwen(fresh()).float().train()
+    try:
+        peft_model = lora(model)
+        enable(peft_model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert not reentrant_in_effect(peft_model)
+        grads = step_grads(peft_model)
+        assert len(grads) == 20 and all(g.abs().sum() > 0 for g in grads.values())
+    finally:
+        unpatch(model)
+
+
+def test_prepare_for_lora_fixes_a_model_loaded_before_the_import(report, fresh):
+    """What the import fixes, prepare_for_lora fixes on a model whose classes were not patched as they loaded."""
+    assert {p.id for p in report.problems if p.id in OLD_API_PROBLEMS}, "every release has the old-API problem"
+    model = load_tiny_qwen(fresh()).float().train()
+    unpatch(model)  # as if loaded before the import
     try:
         peft_model = lora(model)
         prepare_for_lora(peft_model)
@@ -138,9 +159,12 @@ def test_import_hook_disabled_is_reported_when_loading_needs_it(report, fresh, m
     monkeypatch.setenv("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", "1")
     with remote_code_loading_disabled():
         without_hook = diagnose(str(fresh()))
-    needs_hook = any(p.fixed_by == "import" for p in report.problems)
+    old_api = OLD_API_PROBLEMS | {"lora-no-input-grads"}
+    needs_hook = any(p.fixed_by == "import" and p.id not in old_api for p in report.problems)
     assert ("import-hook-disabled" in without_hook.ids) is needs_hook
     assert "import-hook-disabled" not in report.ids
+    # Without the hook the classes are not patched as they load: the old API's problems are prepare_for_lora's.
+    assert {p.fixed_by for p in without_hook.problems if p.id in old_api} == {"prepare_for_lora"}
 
 
 def test_chat_stream_is_reported_where_it_cannot_stream(report, fresh):

@@ -60,6 +60,18 @@ _IMPORT_FIRST = (
 )
 
 
+def _old_api_fix() -> tuple[str, str]:
+    """(fix, fixed_by) of the old API's problems: the import patches the class as transformers loads it (unless
+    the loading hook is switched off); ``prepare_for_lora`` patches a model loaded without it."""
+    if import_hook_enabled():
+        return (
+            "Fixed by `import qwen_ckpt_compat` before `from_pretrained(..., trust_remote_code=True)`: the class is "
+            "patched as it loads. For a model loaded before the import: `model = prepare_for_lora(model)`.",
+            "import",
+        )
+    return f"Fixed by {_PREPARE}.", "prepare_for_lora"
+
+
 def _check_model_type(ctx: _Context) -> None:
     model = ctx.model
     if model.remote or model.model_type is None:
@@ -118,8 +130,7 @@ def _check_checkpointing_api(ctx: _Context) -> None:
             "old-gc-api-enable-typeerror",
             f"gradient_checkpointing_enable() raises TypeError on transformers {ctx.transformers}: "
             f"{klass}._set_gradient_checkpointing() got an unexpected keyword argument 'enable'",
-            f"Fixed by {_PREPARE}.",
-            fixed_by="prepare_for_lora",
+            *_old_api_fix(),
         )
     else:
         ignored = ["gradient_checkpointing_kwargs (use_reentrant=False)"]
@@ -128,8 +139,7 @@ def _check_checkpointing_api(ctx: _Context) -> None:
             "old-gc-api-kwargs-ignored",
             f"transformers {ctx.transformers} takes {klass}'s old _set_gradient_checkpointing(module, value) path "
             f"and silently ignores {', '.join(ignored)}: checkpointing is always reentrant",
-            f"Fixed by {_PREPARE}.",
-            fixed_by="prepare_for_lora",
+            *_old_api_fix(),
         )
     if caps.old_format_fallback or not caps.new_set_gradient_checkpointing_call:
         if not caps.enable_adds_input_grads:
@@ -137,8 +147,7 @@ def _check_checkpointing_api(ctx: _Context) -> None:
                 "lora-no-input-grads",
                 "checkpointing enabled after get_peft_model (or by Trainer) with a frozen base fails: RuntimeError: "
                 "element 0 of tensors does not require grad and does not have a grad_fn",
-                f"Fixed by {_PREPARE}.",
-                fixed_by="prepare_for_lora",
+                *_old_api_fix(),
             )
 
 
