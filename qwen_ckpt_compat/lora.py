@@ -23,7 +23,7 @@ from .patching import (
     set_checkpointing_defaults,
     set_fused_attention,
 )
-from .routing import reentrancy_of
+from .routing import has_live_input_grads_hook, reentrancy_of
 from .versions import capabilities, require_checkpoint_keywords
 
 __all__ = ["prepare_for_lora"]
@@ -151,7 +151,7 @@ def prepare_for_lora(
         elif every_n_layers != 1 or offload:
             _warn_kept(root, kept, f"every_n_layers={every_n_layers}, offload={offload}")
         reentrant = _native_is_reentrant(request) if kept is None else reentrancy_of(kept) is not False
-        if reentrant and getattr(root, "_require_grads_hook", None) is None:
+        if reentrant and not has_live_input_grads_hook(root):
             root.enable_input_require_grads()
     elif any(getattr(module, "gradient_checkpointing", False) is True for module in root.modules()):
         getattr(root, capabilities().enable_method_name.replace("enable", "disable"))()

@@ -231,11 +231,27 @@ def _leave_blocks_to_engine_checkpointing(owner: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ per model
 
 
+def has_live_input_grads_hook(model: Any) -> bool:
+    """Whether the input-embedding hook of transformers' (or peft's) ``enable_input_require_grads()`` is in place.
+
+    transformers 4.x's ``disable_input_require_grads()`` removes the hook but keeps the ``_require_grads_hook``
+    attribute naming it, so the attribute alone does not say; the handle's hook dictionary does.
+    """
+    handle = getattr(model, "_require_grads_hook", None)
+    if handle is None:
+        return False
+    registry = getattr(handle, "hooks_dict_ref", None)
+    if registry is None:  # not a torch RemovableHandle: taken at its word
+        return True
+    hooks = registry()
+    return hooks is not None and getattr(handle, "id", None) in hooks
+
+
 def _make_inputs_require_grad(
     model_ref: weakref.ref, module: torch.nn.Module, inputs: Any, output: torch.Tensor
 ) -> None:
     model = model_ref()
-    if model is not None and getattr(model, "_require_grads_hook", None) is not None:
+    if model is not None and has_live_input_grads_hook(model):
         # Added since ours (peft, or a tutorial's own `enable_input_require_grads()`): one hook is enough.
         _set_input_grads(model, False)
     output.requires_grad_(True)
@@ -247,7 +263,7 @@ def _set_input_grads(model: Any, wanted: bool) -> None:
     A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then, or at
     its next run when theirs came later.
     """
-    theirs = getattr(model, "_require_grads_hook", None) is not None
+    theirs = has_live_input_grads_hook(model)
     handle = model.__dict__.get(INPUT_GRADS_HOOK)
     if not wanted or theirs:
         if handle is not None:

@@ -119,6 +119,32 @@ def test_describe_names_the_remote_model(qwen):
 # ---------------------------------------------------------------------------------------- native models
 
 
+@pytest.mark.behaviour("lora_grads")
+def test_a_removed_input_grads_hook_is_not_taken_for_a_live_one(qwen):
+    """4.x's disable_input_require_grads() removes transformers' hook but leaves the attribute that names it."""
+    peft_model = lora(qwen)
+    qwen.enable_input_require_grads()
+    qwen.disable_input_require_grads()
+    prepare_for_lora(peft_model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    grads = step_grads(peft_model)
+    assert len(grads) == 20 and all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_native_models_get_input_grads_after_a_removed_hook(native_model_factory):
+    """The same for native models: reentrant checkpointing of a frozen base needs a live input hook."""
+    model = native_model_factory()
+    model.requires_grad_(False)
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)  # something to train above the checkpointed blocks, and below: the first block
+    first = next(m for m in model.modules() if type(m).__name__.endswith("DecoderLayer"))
+    first.mlp.down_proj.weight.requires_grad_(True)
+    model.enable_input_require_grads()
+    model.disable_input_require_grads()
+    prepare_for_lora(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    grads = _grads_of(model, batch())
+    assert first.mlp.down_proj.weight.grad is not None and grads, "the block below got its gradient"
+
+
 def _grads_of(model, inputs):
     model.zero_grad(set_to_none=True)
     model(**inputs).loss.backward()
