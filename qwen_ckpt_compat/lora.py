@@ -63,8 +63,8 @@ def prepare_for_lora(
             or ``Trainer(gradient_checkpointing=True)`` works as asked.
         gradient_checkpointing_kwargs (`dict`, *optional*):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
-            non-reentrant variant is used (reentrant for old remote code with bitsandbytes 8-bit layers). Not given: no preference. The checkpointing already in effect on the
-            model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
+            non-reentrant variant is used (reentrant for old remote code with bitsandbytes 8-bit layers). Not
+            given: no preference. The checkpointing already in effect on the model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
             earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
             `{"use_reentrant": False}` (reentrant for old remote code with bitsandbytes 8-bit layers).
         every_n_layers (`int`, *optional*, defaults to 1):
