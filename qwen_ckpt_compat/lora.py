@@ -64,9 +64,10 @@ def prepare_for_lora(
         gradient_checkpointing_kwargs (`dict`, *optional*):
             Keyword arguments for ``torch.utils.checkpoint.checkpoint``. Without ``use_reentrant`` the
             non-reentrant variant is used (reentrant for old remote code with bitsandbytes 8-bit layers). Not
-            given: no preference. The checkpointing already in effect on the model is kept (enabled by a framework's own helper, ``Trainer``, the user, or the options of an
-            earlier ``prepare_for_lora``), a framework's own checkpoint function included; with nothing in effect,
-            `{"use_reentrant": False}` (reentrant for old remote code with bitsandbytes 8-bit layers).
+            given: no preference. The checkpointing already in effect on the model is kept (enabled by a
+            framework's own helper, ``Trainer``, the user, or the options of an earlier ``prepare_for_lora``), a
+            framework's own checkpoint function included; with nothing in effect, `{"use_reentrant": False}`
+            (reentrant for old remote code with bitsandbytes 8-bit layers).
         every_n_layers (`int`, *optional*, defaults to 1):
             Checkpoint decoder blocks ``0, n, 2n, ...`` only and keep the activations of the others: less
             recomputation for more memory. Honoured for old remote-code models on every release, and for
