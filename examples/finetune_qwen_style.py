@@ -129,6 +129,7 @@ def train(argv: List[str]) -> None:
         tempfile.mkdtemp(prefix="tiny-qwen-"), seq_length=training_args.model_max_length
     )
     os.makedirs(training_args.output_dir, exist_ok=True)
+    transformers.set_seed(training_args.seed)  # before peft draws the LoRA weights: the same run every time
 
     config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=True)
     config.use_cache = False

@@ -25,6 +25,7 @@ from transformers import (
     DataCollatorForSeq2Seq,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from qwen_ckpt_compat import prepare_for_lora
@@ -62,8 +63,9 @@ def main() -> None:
     parser.add_argument("--model", help="a Qwen v1 chat model (default: the tiny built-in one)")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--learning-rate", type=float, default=2e-2)  # the tiny model; 1e-4 for Qwen-7B-Chat
+    parser.add_argument("--learning-rate", type=float, default=1e-2)  # the tiny model; 1e-4 for Qwen-7B-Chat
     args = parser.parse_args()
+    set_seed(0)  # the LoRA weights peft draws, too: the same run every time
     output_dir = args.output_dir or tempfile.mkdtemp(prefix="tutorial-lora-")
     model_path = args.model or write_tiny_qwen(tempfile.mkdtemp(prefix="tiny-qwen-"), seq_length=256)
 
