@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,6 +62,9 @@ needs_gloo = pytest.mark.skipif(
 BF16_LOSS_RTOL = 1e-2
 
 
+_NATIVE_CRASH = re.compile(r"exitcode\s*:\s*-(6|7|11)\b")  # torchrun's summary: SIGABRT, SIGBUS, SIGSEGV
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -72,16 +76,24 @@ def runs(tiny_qwen_dir, tmp_path_factory) -> dict:
     """Runs every engine in one 2-process launch; returns {engine: [rank 0 result, rank 1 result]}."""
     if not (dist.is_available() and dist.is_gloo_available()):
         pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("engines")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(TESTS / "engines_worker.py"), str(tiny_qwen_dir), str(out), *ENGINES,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
-    if result.returncode:
-        pytest.fail(f"the {WORLD}-process run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    for attempt in (1, 2):
+        out = tmp_path_factory.mktemp("engines")
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            str(TESTS / "engines_worker.py"), str(tiny_qwen_dir), str(out), *ENGINES,
+        ]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+        if not result.returncode:
+            break
+        report = f"the {WORLD}-process run failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+        # The worker records every Python error of an engine in its result file and carries on, so a rank that died
+        # is a native crash (gloo under a loaded 2-core CI machine: seen about once in 20 launches). Such a crash
+        # gets one more launch, said in the warnings summary; anything else, or a second crash, fails.
+        if attempt == 2 or not _NATIVE_CRASH.search(result.stderr):
+            pytest.fail(report)
+        warnings.warn(f"relaunched after a native crash of a rank: {report[-1500:]}", RuntimeWarning, stacklevel=1)
     return {
         engine: [json.loads((out / f"{engine}.rank{rank}.json").read_text()) for rank in range(WORLD)]
         for engine in ENGINES
