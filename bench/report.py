@@ -74,12 +74,13 @@ def targets(report: dict) -> list:
         peak = get(mode, "peak_bytes")
         if budget is not None:
             add(f"`{mode}`: peak <= {meta['shapes']['budget']}", None if peak is None else peak / budget, 1.0, _gb(peak))
-    add("`budget`: step <= 0.85x full checkpointing", _ratio(get("budget", "step_s"), full_step), 0.85,
-        _x(_ratio(get("budget", "step_s"), full_step)))
-    add("`selective`: step <= 0.90x full checkpointing", _ratio(get("selective", "step_s"), full_step), 0.90,
-        _x(_ratio(get("selective", "step_s"), full_step)))
-    add("`selective`: peak <= 1.15x full checkpointing", _ratio(get("selective", "peak_bytes"), full_peak), 1.15,
-        _x(_ratio(get("selective", "peak_bytes"), full_peak)))
+    for what, mode, key, reference, limit in (
+        ("`budget`: step <= 0.85x full checkpointing", "budget", "step_s", full_step, 0.85),
+        ("`selective`: step <= 0.90x full checkpointing", "selective", "step_s", full_step, 0.90),
+        ("`selective`: peak <= 1.15x full checkpointing", "selective", "peak_bytes", full_peak, 1.15),
+    ):
+        ratio = _ratio(get(mode, key), reference)
+        add(what, ratio, limit, _x(ratio))
     fused = _ratio(get(f"{REFERENCE}+fused", "step_s"), full_step)
     add("fused kernel: full checkpointing step <= 0.82x without it", fused, 0.82, _x(fused))
     for mode in ("budget", "selective"):

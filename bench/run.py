@@ -75,9 +75,8 @@ TINY = Shapes(4, 64, 4, 256, 512, (32, 64), "float32", "cpu", 1, 2, "70GiB")
 @dataclass(frozen=True)
 class Mode:
     name: str
-    kind: str  # "qwen", "native", "transformers_own"
+    kind: str  # "qwen" or "native" (transformers' own path is measured apart: transformers_own_measure)
     prepare: Optional[dict] = None  # prepare_for_lora options; None: the library is not used
-    fused: bool = False
     description: str = ""
 
 
@@ -92,12 +91,12 @@ def modes(budget: str) -> list:
     ]
     result = [
         Mode("no_checkpointing", "qwen", None, description="no checkpointing"),
-        Mode("no_checkpointing+fused", "qwen", {"use_gradient_checkpointing": False, "fused_attention": True}, True,
+        Mode("no_checkpointing+fused", "qwen", {"use_gradient_checkpointing": False, "fused_attention": True},
              "no checkpointing, fused attention kernel"),
     ]
     for name, options, text in library:
         result.append(Mode(name, "qwen", options, description=text))
-        result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, True, text + ", fused attention"))
+        result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, text + ", fused attention"))
     result.append(Mode("native_qwen2", "native", description="native Qwen2, same shapes, transformers' own non-reentrant checkpointing"))
     return result
 
@@ -120,6 +119,11 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------------- devices
+
+
+def _reason(error: BaseException) -> str:
+    """One line for the JSON: the exception's type and the first line of its message (which may be empty)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
 
 
 def _sync(device: torch.device) -> None:
@@ -292,12 +296,10 @@ def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.dev
         plan = memory_plan(model) if mode.kind == "qwen" else None
         if plan is not None:
             result.plan = _plan_dict(plan)
-    except _NotRunnable as error:
-        result.status, result.reason = "not runnable", str(error)
-    except UnsupportedTorchError as error:  # e.g. selective recompute on torch < 2.5: this torch cannot run the mode
+    except (_NotRunnable, UnsupportedTorchError) as error:  # e.g. selective recompute on torch < 2.5
         result.status, result.reason = "not runnable", str(error)
     except Exception as error:  # noqa: BLE001 - one mode failing must not lose the others
-        result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        result.status, result.reason = "error", _reason(error)
         traceback.print_exc()
     finally:
         if model is not None and mode.kind == "qwen":
@@ -343,7 +345,7 @@ def transformers_own_check(tiny: Shapes, folder: Path) -> dict:
         if not grads:
             return {"runnable": False, "reason": f"{stage}: no LoRA parameter received a gradient"}
     except Exception as error:  # noqa: BLE001 - the failure is the finding
-        return {"runnable": False, "reason": f"{stage}: {type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+        return {"runnable": False, "reason": f"{stage}: {_reason(error)}"}
     return {"runnable": True, "reason": None}
 
 
@@ -359,7 +361,7 @@ def transformers_own_measure(shapes: Shapes, seq: int, folder: Path, device: tor
         model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
         measure(model, make_batch(shapes, seq, device), shapes, device, result)
     except Exception as error:  # noqa: BLE001
-        result.status, result.reason = "error", f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        result.status, result.reason = "error", _reason(error)
     finally:
         model = None
         _clean(device)

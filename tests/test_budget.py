@@ -81,8 +81,10 @@ def test_70gib_at_8192_keeps_as_many_blocks_as_fit():
     assert choice.fits and not choice.offload
     assert choice.decisions == (CHECKPOINT,) * 9 + (KEEP,) * 23, "the last blocks are kept"
     assert 70 * GiB * 0.98 - 2.03 * GB < choice.predicted_peak_bytes <= 70 * GiB * 0.98
-    # About 23/32 of one forward saved: 1.679 s - 23 * 0.485 s / 32 = 1.33 s, 0.79x full checkpointing.
-    assert (1.679 - 23 * 0.485 / 32) / 1.679 <= 0.85
+    # The step this plan predicts from the numbers (full checkpointing 1.679 s, one forward 0.485 s): each
+    # kept block saves its recompute. The GPU benchmark measures the real ratio (docs/performance.md).
+    kept = choice.decisions.count(KEEP)
+    assert (1.679 - kept * 0.485 / 32) / 1.679 <= 0.85
 
 
 def test_70gib_at_2048_needs_no_checkpointing():
