@@ -128,11 +128,9 @@ def prepare_for_lora(
         if isinstance(in_effect, dict):
             request = replace(request, kwargs=in_effect)
         else:
+            # Nothing in effect, or a function: old remote code gets no kwargs, so that the patch picks the mode
+            # for the model (non-reentrant; reentrant with bitsandbytes 8-bit layers); native, the library default.
             kept = in_effect
-            # Nothing in effect. Old remote code: no kwargs, so that the patch picks the mode for the model
-            # (non-reentrant; reentrant with bitsandbytes 8-bit layers). Native: the library default.
-            if not is_old_checkpointing_api(root):
-                request = replace(request, kwargs=dict(DEFAULT_CHECKPOINT_KWARGS))
     if is_old_checkpointing_api(root):
         patch(root)
         set_checkpointing_defaults(root, request)
@@ -144,8 +142,7 @@ def prepare_for_lora(
         else:
             disable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
-        if request.kwargs is not None:
-            request = replace(request, kwargs={**DEFAULT_CHECKPOINT_KWARGS, **request.kwargs})
+        request = replace(request, kwargs={**DEFAULT_CHECKPOINT_KWARGS, **(request.kwargs or {})})
         native_request = _native_request(root, request, fused_attention)
         if kept is None:
             _call_enable(root, native_request)

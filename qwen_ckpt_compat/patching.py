@@ -225,16 +225,16 @@ def _blocks_under(owners: list, names: set, seen: set) -> list:
     return blocks
 
 
-def _layout(model: torch.nn.Module, state: _Patch) -> tuple[list, list]:
+def _layout(model: torch.nn.Module, state: _Patch, original: Callable) -> tuple[list, list]:
     """The owners (what the remote code would flag) and the groups of blocks under them, in model order.
 
     The first group holds the decoder blocks (the classes of ``_no_split_modules``); a further group holds the
     blocks the model's family adds (:attr:`qwen_ckpt_compat.families.Family.extra_blocks`), counted on their own
-    for ``every_n_layers``.
+    for ``every_n_layers``. ``original`` is the class's old method as :func:`bound_to_model_classes` gives it.
     """
     from .families import family_of
 
-    owners = checkpointing_owners(model, bound_to_model_classes(state.original, model))
+    owners = checkpointing_owners(model, original)
     family = family_of(type(model))
     seen: set = set()
     groups = [_blocks_under(owners, set(decoder_block_names(model)), seen)]
@@ -265,7 +265,8 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
     request = request.over(CheckpointRequest(every_n_layers=every_n_layers))
     kwargs = dict(request.kwargs) if request.kwargs is not None else {}
     if "use_reentrant" not in kwargs:  # a dict without it expresses no preference on the mode
-        kwargs["use_reentrant"] = _default_use_reentrant(model)
+        # Non-reentrant, unless the model has layers whose activations only reentrant checkpointing frees.
+        kwargs["use_reentrant"] = engines.non_reentrant_keeps_activations(model)
     elif kwargs["use_reentrant"] is False:
         _warn_if_non_reentrant_keeps_activations(model)
     require_checkpoint_keywords(kwargs)  # what this torch's checkpoint does not take is refused at enable time
@@ -299,11 +300,6 @@ def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
     return True
 
 
-def _default_use_reentrant(model: torch.nn.Module) -> bool:
-    """Non-reentrant, unless the model has layers whose activations only reentrant checkpointing frees."""
-    return engines.non_reentrant_keeps_activations(model)
-
-
 def _warn_if_non_reentrant_keeps_activations(model: torch.nn.Module) -> None:
     if model.__dict__.get(_WARNED_INT8) or not engines.non_reentrant_keeps_activations(model):
         return
@@ -322,7 +318,7 @@ def _warn_if_non_reentrant_keeps_activations(model: torch.nn.Module) -> None:
 def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
     state = _patch_of(model)
     original = bound_to_model_classes(state.original, model)
-    owners, groups = _layout(model, state)
+    owners, groups = _layout(model, state, original)
     if not enable:
         routing.unroute(model, owners, [block for group in groups for block in group])
         for owner in owners:
@@ -444,7 +440,7 @@ def patch(model: Any) -> Any:
     prepare_model(root)  # removed-API and family repairs, when loaded before the import hook
     restore_auto_class(root)  # so that save_pretrained copies the remote code (4.45-4.52 forgot it)
     state = _PATCHES[cls]
-    owners, _ = _layout(root, state)
+    owners, _ = _layout(root, state, bound_to_model_classes(state.original, root))
     if any(owner.__dict__.get(routing.FLAG) for owner in owners):
         _toggle(root, True, None, None)
     return model

@@ -131,7 +131,8 @@ def test_a_removed_input_grads_hook_is_not_taken_for_a_live_one(qwen):
 
 
 def test_native_models_get_input_grads_after_a_removed_hook(native_model_factory):
-    """The same for native models: reentrant checkpointing of a frozen base needs a live input hook."""
+    """The same for native models: reentrant checkpointing of a frozen base needs a live input hook. (On 5.x the
+    enable method adds the hook itself, so only the 4.x rows of the matrix can catch a regression here.)"""
     model = native_model_factory()
     model.requires_grad_(False)
     head = model.get_output_embeddings()
@@ -142,7 +143,7 @@ def test_native_models_get_input_grads_after_a_removed_hook(native_model_factory
     model.disable_input_require_grads()
     prepare_for_lora(model, gradient_checkpointing_kwargs={"use_reentrant": True})
     grads = _grads_of(model, batch())
-    assert first.mlp.down_proj.weight.grad is not None and grads, "the block below got its gradient"
+    assert first.mlp.down_proj.weight.grad is not None and first.mlp.down_proj.weight.grad.abs().sum() > 0, grads.keys()
 
 
 def _grads_of(model, inputs):

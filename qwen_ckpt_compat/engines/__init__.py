@@ -1,6 +1,6 @@
 """What training engines do to a model, asked in one place.
 
-Engines hand the model back in three ways, and the rest of the library only needs three answers:
+What engines do to a model comes in four kinds, and the rest of the library only needs four answers:
 
 * **A wrapper around it** (DDP, ``DataParallel``, FSDP1's ``FullyShardedDataParallel``, the DeepSpeed engine,
   ``torch.compile``'s ``OptimizedModule``; accelerate's ``prepare`` returns one of these): :func:`unwrap_engines`
