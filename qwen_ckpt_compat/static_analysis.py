@@ -305,7 +305,7 @@ def _read_module(name: str, path: Path, tree: ast.Module) -> ModuleFacts:
     def visit(node: ast.AST, lazy: bool, guarded: bool, top: bool) -> None:
         for child in ast.iter_child_nodes(node):
             child_lazy = lazy or isinstance(child, _FUNCTIONS)
-            child_guarded = guarded or (isinstance(child, _TRY) and child is not node)
+            child_guarded = guarded or isinstance(child, _TRY)
             if isinstance(child, ast.If) and _is_availability_test(child.test):
                 child_guarded = True
             if isinstance(child, (ast.Import, ast.ImportFrom)):

@@ -358,11 +358,6 @@ def test_problem_fields_agree(qwen_report, tmp_path):
         doctor.Problem("missing-package", "y", "z", fixed_by="magic")
 
 
-def test_exit_status_follows_needs_action(qwen_report):
-    needs = any(p.needs_action for p in qwen_report.problems)
-    assert qwen_report.exit_status == (1 if needs else 0)
-
-
 # --- human output ----------------------------------------------------------------------------------------
 
 

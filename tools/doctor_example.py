@@ -28,7 +28,7 @@ def main() -> int:
         output = result.stdout.replace(str(Path(tmp).resolve()) + os.sep, "").replace(tmp + os.sep, "")
     print("```json" if as_json else "```text")
     if not as_json:
-        print(f"$ qwen-ckpt-compat doctor tiny-qwen{' --json' if as_json else ''}")
+        print("$ qwen-ckpt-compat doctor tiny-qwen")
     print(output.rstrip())
     if not as_json:
         print(f"$ echo $?\n{result.returncode}")

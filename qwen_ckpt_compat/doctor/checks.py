@@ -352,10 +352,11 @@ def _check_removed_methods(ctx: _Context) -> None:
                 missing.setdefault(name, (klass, line))
     for name, (klass, line) in missing.items():
         fixed_by = ctx.fixed_by_loading_hook() if name in REPLACEMENTS else None
-        how = {
-            "import": f"Fixed by {_IMPORT_FIRST}; `patch(model)` also adds it to a model loaded before.",
-            "patch": f"Fixed by {_PREPARE}, before the first forward.",
-        }.get(fixed_by or "", "qwen-ckpt-compat does not replace it: use a transformers release that still has it.")
+        how = (
+            f"Fixed by {_IMPORT_FIRST}; `patch(model)` also adds it to a model loaded before."
+            if fixed_by
+            else "qwen-ckpt-compat does not replace it: use a transformers release that still has it."
+        )
         ctx.add(
             "removed-api-called",
             f"{klass.name} calls self.{name}() ({klass.module.path.name} line {line}), which transformers "

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..loading import is_qwen_style_module
-from ..static_analysis import ClassFacts, ClassReference, RemoteCode, RemoteCodeError, auto_map_references
+from ..static_analysis import ClassFacts, RemoteCode, RemoteCodeError, auto_map_references
 from .environment import Runtime, one_line, quiet
 from .report import DoctorInputError
 
@@ -95,12 +95,9 @@ class ModelFiles:
 
     directory: Path
     config: dict
-    auto_map: dict
     code: RemoteCode
-    model_reference: Optional[ClassReference] = None
     model_class: Optional[ClassFacts] = None
     config_class: Optional[ClassFacts] = None
-    references: dict = field(default_factory=dict)
 
     @property
     def model_type(self) -> Optional[str]:
@@ -149,8 +146,7 @@ def read_model(directory: Path) -> ModelFiles:
     except ValueError as error:
         raise DoctorInputError(config_path, f"auto_map: {error}") from None
 
-    model = ModelFiles(directory=directory, config=config, auto_map=auto_map, code=RemoteCode(directory, _hub_snapshot))
-    model.references = references
+    model = ModelFiles(directory=directory, config=config, code=RemoteCode(directory, _hub_snapshot))
     try:
         resolved = {key: [model.code.resolve(ref) for ref in refs] for key, refs in references.items()}
     except RemoteCodeError as error:
@@ -160,15 +156,13 @@ def read_model(directory: Path) -> ModelFiles:
     model_keys = [k for k in _MODEL_AUTO_CLASSES if k in resolved]
     model_keys += sorted(k for k in resolved if k.startswith("AutoModel") and k not in model_keys)
     if model_keys:
-        model.model_reference = references[model_keys[0]][0]
         model.model_class = resolved[model_keys[0]][0]
     return model
 
 
 def family_of(model: ModelFiles) -> Optional[str]:
-    # Integration point for the families registry (qwen_ckpt_compat/families/, issue 8): it may name the
-    # family from the model type and the static facts; until then the family is the model type, with Qwen-VL
-    # told apart by its `visual` config.
+    # From the files alone: the families registry (qwen_ckpt_compat/families/) asks the loaded classes, which the
+    # doctor never imports. The family is the model type, with Qwen-VL told apart by its `visual` config.
     if model.model_type == "qwen" and isinstance(model.config.get("visual"), dict):
         return "qwen-vl"
     return model.model_type
