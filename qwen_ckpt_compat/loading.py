@@ -258,6 +258,11 @@ def remote_code_loading_disabled() -> Iterator[None]:
             enable_remote_code_loading()
 
 
+def import_hook_disabled_by_env() -> bool:
+    """Whether ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK`` asks the import not to install the loading fix."""
+    return os.environ.get(_NO_IMPORT_HOOK_ENV, "").strip().lower() in ("1", "true", "yes")
+
+
 def _enable_on_import() -> None:
-    if os.environ.get(_NO_IMPORT_HOOK_ENV, "").strip().lower() not in ("1", "true", "yes"):
+    if not import_hook_disabled_by_env():
         enable_remote_code_loading()

@@ -10,7 +10,6 @@ import functools
 import importlib
 import importlib.metadata
 import importlib.util
-import os
 import platform
 import re
 import warnings
@@ -20,8 +19,8 @@ from typing import Any, Callable, Iterator, Optional
 from packaging.version import Version
 
 from ..loading import (
-    _NO_IMPORT_HOOK_ENV,
     STREAM_PACKAGE,
+    import_hook_disabled_by_env,
     is_remote_code_loading_enabled,
     stream_generator_incompatibility,
     stream_generator_problem,
@@ -287,5 +286,4 @@ def stream_generator_status() -> tuple:
 
 
 def import_hook_enabled() -> bool:
-    env = os.environ.get(_NO_IMPORT_HOOK_ENV, "").strip().lower() in ("1", "true", "yes")
-    return is_remote_code_loading_enabled() or not env
+    return is_remote_code_loading_enabled() or not import_hook_disabled_by_env()
