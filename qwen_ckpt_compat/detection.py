@@ -7,7 +7,6 @@ the old ``_set_gradient_checkpointing(self, module, value=False)`` form depends 
 from __future__ import annotations
 
 import inspect
-import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -15,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from .engines import own_class, unwrap_engines
+from .engines._imported import loaded_class
 from .errors import UnsupportedModelError
 
 __all__ = [
@@ -40,7 +40,7 @@ def _is_pretrained_model(obj: Any) -> bool:
 def _is_peft_model(obj: Any) -> bool:
     # Asked of peft's own class, and only when peft is imported: an object cannot be a PeftModel otherwise.
     # (FSDP2 swaps a sharded PeftModel's class for `FSDPPeftModel`, a subclass, so isinstance still holds.)
-    peft_model = getattr(sys.modules.get("peft"), "PeftModel", None)
+    peft_model = loaded_class("peft", "PeftModel")
     return peft_model is not None and isinstance(obj, peft_model)
 
 

@@ -12,16 +12,16 @@ equal there.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
+
+from ._imported import loaded_class
 
 __all__ = ["has_int8_layers"]
 
 
 def has_int8_layers(model: Any) -> bool:
     """Whether ``model`` holds bitsandbytes 8-bit linear layers (peft's LoRA wrappers around them included)."""
-    nn = sys.modules.get("bitsandbytes.nn")
-    int8 = getattr(nn, "Linear8bitLt", None)
+    int8 = loaded_class("bitsandbytes.nn", "Linear8bitLt")
     return isinstance(int8, type) and isinstance(model, torch.nn.Module) and any(isinstance(m, int8) for m in model.modules())

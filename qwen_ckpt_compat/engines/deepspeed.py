@@ -6,18 +6,18 @@ every submodule, which a block's recompute calls again (the routing checkpoints 
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import torch
+
+from ._imported import loaded_class
 
 __all__ = ["wrapped_module"]
 
 
 def wrapped_module(obj: Any) -> Optional[torch.nn.Module]:
     """The model inside a ``DeepSpeedEngine`` (its ``module``), else ``None``."""
-    deepspeed = sys.modules.get("deepspeed")
-    engine = getattr(deepspeed, "DeepSpeedEngine", None)
+    engine = loaded_class("deepspeed", "DeepSpeedEngine")
     if engine is not None and isinstance(obj, engine):
         return obj.module
     return None

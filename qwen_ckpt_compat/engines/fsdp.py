@@ -14,11 +14,11 @@
 
 from __future__ import annotations
 
-import functools
-import sys
 from typing import Any, Iterator, Optional
 
 import torch
+
+from ._imported import loaded_class
 
 __all__ = ["checkpoint_wrapped_modules", "has_input_casting_hooks", "original_class", "wrapped_module"]
 
@@ -26,32 +26,19 @@ __all__ = ["checkpoint_wrapped_modules", "has_input_casting_hooks", "original_cl
 _CHECKPOINT_WRAPPED = "_checkpoint_wrapped_module"
 
 
-def _loaded_class(module: str, name: str) -> Any:
-    """``module.name`` if ``module`` is imported, else ``None`` (typed ``Any``: an engine's class, unknown here)."""
-    return getattr(sys.modules.get(module), name, None)
-
-
-@functools.lru_cache(maxsize=None)
-def _fsdp2_module_class() -> Optional[type]:
+def _fsdp2_class() -> Optional[type]:
     # `FSDPModule` is public in torch.distributed.fsdp from torch 2.6; torch 2.4-2.5 keep it under _composable.
     # Looked up in imported modules only: a model can only have been sharded if one of them is imported.
     for module in ("torch.distributed.fsdp", "torch.distributed._composable.fsdp"):
-        found = _loaded_class(module, "FSDPModule")
+        found = loaded_class(module, "FSDPModule")
         if found is not None:
             return found
     return None
 
 
-def _fsdp2_class() -> Optional[type]:
-    found = _fsdp2_module_class()
-    if found is None:
-        _fsdp2_module_class.cache_clear()  # not imported yet: ask again next time
-    return found
-
-
 def wrapped_module(obj: Any) -> Optional[torch.nn.Module]:
     """The module inside an FSDP1 ``FullyShardedDataParallel`` wrapper, else ``None``."""
-    fsdp1 = _loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel")
+    fsdp1 = loaded_class("torch.distributed.fsdp", "FullyShardedDataParallel")
     if fsdp1 is not None and isinstance(obj, fsdp1):
         return obj.module
     return None
