@@ -454,7 +454,7 @@ class BudgetPlanner:
 
     def same_request(self, settings: routing.CheckpointSettings, blocks: list) -> bool:
         def plain(s: routing.CheckpointSettings) -> tuple:
-            kwargs = {k: v for k, v in (s.kwargs or {}).items() if k != "context_fn"}
+            kwargs = routing.without_context_fn(s.kwargs)
             return s.memory_budget, s.selective, sorted(kwargs.items()), s.kwargs is None
         return plain(settings) == plain(self.settings) and [id(b) for b in blocks] == [id(b) for b in self.blocks]
 
@@ -463,7 +463,7 @@ class BudgetPlanner:
     def _function(self, selective: bool, offload: bool) -> Callable[..., Any]:
         if self.settings.kwargs is None:  # a caller's own function: used as given
             return self.settings.function
-        kwargs = {k: v for k, v in self.settings.kwargs.items() if k != "context_fn"}
+        kwargs = routing.without_context_fn(self.settings.kwargs)
         if selective:
             kwargs["context_fn"] = self.settings.kwargs["context_fn"]
         return routing.build_checkpoint_function(kwargs, offload)

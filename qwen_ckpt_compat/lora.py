@@ -23,7 +23,7 @@ from .patching import (
     set_checkpointing_defaults,
     set_fused_attention,
 )
-from .routing import has_live_input_grads_hook, reentrancy_of
+from .routing import has_live_input_grads_hook, reentrancy_of, without_context_fn
 from .versions import capabilities, require_checkpoint_keywords
 
 __all__ = ["prepare_for_lora"]
@@ -283,9 +283,9 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
             return {"use_reentrant": True}
         settings = checkpoint_settings(root) if flagged else None
         if settings is not None:
-            return _own_kwargs(settings.kwargs) if settings.kwargs is not None else settings.function
+            return without_context_fn(settings.kwargs) if settings.kwargs is not None else settings.function
         defaults = checkpointing_defaults(root)
-        return _own_kwargs(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
+        return without_context_fn(defaults.kwargs) if defaults is not None and defaults.kwargs is not None else None
     functions = (m.__dict__["_gradient_checkpointing_func"] for m in flagged if "_gradient_checkpointing_func" in m.__dict__)
     function = next(functions, None)
     if function is None:
@@ -293,13 +293,8 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
     if isinstance(function, functools.partial) and _is_transformers_checkpoint(function.func):
         # What transformers builds: partial(checkpoint or its offloading wrapper, **kwargs). Without
         # `use_reentrant` torch's default mode, reentrant, is in effect.
-        return {"use_reentrant": True, **_own_kwargs(function.keywords)}
+        return {"use_reentrant": True, **without_context_fn(function.keywords)}
     return function
-
-
-def _own_kwargs(kwargs: Mapping[str, Any]) -> dict:
-    """Checkpoint kwargs without ``context_fn``: selective recompute is an option of its own (``selective``)."""
-    return {name: value for name, value in kwargs.items() if name != "context_fn"}
 
 
 def _is_transformers_checkpoint(function: Any) -> bool:

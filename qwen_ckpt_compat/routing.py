@@ -231,6 +231,11 @@ def _leave_blocks_to_engine_checkpointing(owner: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ per model
 
 
+def without_context_fn(kwargs: Any) -> dict:
+    """Checkpoint kwargs without ``context_fn``, which selective recompute adds (an option of its own)."""
+    return {name: value for name, value in (kwargs or {}).items() if name != "context_fn"}
+
+
 def has_live_input_grads_hook(model: Any) -> bool:
     """Whether the input-embedding hook of transformers' (or peft's) ``enable_input_require_grads()`` is in place.
 
