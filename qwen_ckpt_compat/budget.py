@@ -7,17 +7,18 @@ re-enable keeps it). The plan is made during training, for the batch and sequenc
    memory short of offloading). Before it, one block's forward is *probed* with the real inputs, outside
    checkpointing: ``torch.autograd.graph.saved_tensors_hooks`` count the bytes that block saves for the backward
    pass beyond its inputs, outputs and weights (what leaving it un-checkpointed costs), its input's bytes (what
-   offloading saves per checkpointed block) and, with ``selective=True``, the bytes of the attention outputs that
-   selective recompute keeps. The probe is device-independent and runs on the CPU in the tests.
+   offloading saves per checkpointed block) and, with ``selective=True``, the bytes of the outputs that
+   selective recompute keeps in device memory (on CUDA only the small ones: the rest lives in pinned host
+   memory). The probe is device-independent and runs on the CPU in the tests.
 2. **The device's peak.** At the start of the next forward, the peak of the measuring step is read from the
    device's ``max_memory_allocated`` (never reset by this library). That peak, minus what was allocated when the
    step began, is the *floor transient*: what a fully checkpointed step adds on top of the weights, gradients and
    optimizer state.
 3. **The plan.** With ``allocated`` now (optimizer state included), the predicted peak of a plan is
-   ``allocated + floor transient + kept blocks x block bytes + selective blocks x attention bytes``
+   ``allocated + floor transient + kept blocks x block bytes + selective blocks x selective bytes``
    (offloading subtracts the checkpointed blocks' inputs). The planner keeps a margin of 2 % of the budget and
-   picks the plan with the least recompute: with ``selective=True`` every checkpointed block keeps its attention
-   output first (the cheapest recompute saved per byte), then as many blocks as fit are not checkpointed at all;
+   picks the plan with the least recompute: with ``selective=True`` every checkpointed block keeps its expensive
+   outputs first (the cheapest recompute saved per device byte), then as many blocks as fit are not checkpointed at all;
    offloading is used only when nothing fits without it. Blocks left un-checkpointed are the last ones: they are
    the first whose activations the backward pass frees, so they do not sit under another block's recompute.
 4. **Holding it.** A planned step whose measured peak rises above the budget makes the planner re-plan with the
@@ -164,7 +165,7 @@ class BlockMeasurement:
             backward.
         input_bytes (`int`): bytes of its hidden-state input: what a checkpointed block keeps (and offloading moves
             to the host).
-        selective_bytes (`int`): bytes of the outputs selective recompute keeps (0 unless asked for).
+        selective_bytes (`int`): bytes of the outputs selective recompute keeps in device memory (0 unless asked for).
     """
 
     shape: tuple[int, int]
@@ -200,20 +201,21 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
-class _OutputsOf(TorchDispatchMode):
-    """Records the storages of the outputs of some aten operators."""
+class _KeptOnDevice(TorchDispatchMode):
+    """Records the storages of the outputs selective recompute would keep in device memory."""
 
-    def __init__(self, ops: tuple) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.ops = set(ops)
         self.storages: dict = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        from .selective import keeps_output, stays_on_device
+
         out = func(*args, **(kwargs or {}))
-        if func in self.ops:
+        if keeps_output(func, args):
             for tensor in _tensors(out):
                 key = _storage_key(tensor)
-                if key is not None:
+                if key is not None and stays_on_device(tensor):
                     self.storages[key] = _storage_bytes(tensor)
         return out
 
@@ -256,9 +258,7 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
         if selective:
-            from .selective import saved_ops
-
-            recorder = stack.enter_context(_OutputsOf(saved_ops()))
+            recorder = stack.enter_context(_KeptOnDevice())
         output = run(*args, **kwargs)
         # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
         excluded.add(_storage_key(next(_tensors(output), hidden)))

@@ -1,7 +1,9 @@
-"""selective=True: checkpointed blocks keep their attention outputs and recompute the rest, with equal gradients."""
+"""selective=True: checkpointed blocks keep their expensive outputs (attention, projections) and recompute the rest."""
 
 from __future__ import annotations
 
+import copy
+import pickle
 from collections import Counter
 
 import pytest
@@ -20,9 +22,9 @@ from helpers import (
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, checkpoint_settings, prepare_for_lora
-from qwen_ckpt_compat.selective import saved_ops
+from qwen_ckpt_compat.selective import SelectiveRecompute, attention_ops, keeps_output
 
-MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
+MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
 
 
 class OpCounts(TorchDispatchMode):
@@ -31,13 +33,16 @@ class OpCounts(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter = Counter()
+        self.kept_kind: Counter = Counter()  # matmuls by whether the rule keeps their outputs
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
+        if str(func) in MATMULS:
+            self.kept_kind[keeps_output(func, args)] += 1
         return func(*args, **(kwargs or {}))
 
     def attention(self) -> int:
-        names = {str(op) for op in saved_ops()}
+        names = {str(op) for op in attention_ops()}
         return sum(n for op, n in self.counts.items() if op in names)
 
     def matmuls(self) -> int:
@@ -51,7 +56,7 @@ def _counted_step(model, inputs) -> tuple[dict, OpCounts, Counter]:
 
 
 @needs_selective
-def test_selective_recomputes_everything_but_attention_with_equal_grads(qwen, tiny_qwen_dir):
+def test_selective_serves_attention_and_projections_and_recomputes_the_rest_with_equal_grads(qwen, tiny_qwen_dir):
     from helpers import load_qwen
 
     inputs = batch()
@@ -67,12 +72,75 @@ def test_selective_recomputes_everything_but_attention_with_equal_grads(qwen, ti
 
     assert plain_ops.attention() == 2, "the fused attention kernel runs once per block without checkpointing"
     assert full_ops.attention() == 4, "full checkpointing runs it again in each recompute"
-    assert ops.attention() == 2, "selective recompute serves it from its cache in the recompute"
+    assert ops.attention() == 2, "selective recompute serves it in the recompute"
     assert set(blocks.values()) == {2}, "each block's forward still runs twice: the rest is recomputed"
-    assert ops.matmuls() == full_ops.matmuls() > plain_ops.matmuls(), "matmuls are recomputed"
+    # Projections and LoRA's A products (inner dimension >= width / 8): served, so they run as often as without
+    # checkpointing; LoRA's B products (inner dimension = the rank): recomputed, as with full checkpointing.
+    assert full_ops.kept_kind[True] > plain_ops.kept_kind[True] == ops.kept_kind[True]
+    assert plain_ops.kept_kind[False] < full_ops.kept_kind[False] == ops.kept_kind[False]
     assert max_relative_difference(grads, reference) <= 1e-5
     settings = checkpoint_settings(model)
-    assert settings.selective is True and "context_fn" in settings.kwargs
+    assert settings.selective is True and isinstance(settings.kwargs["context_fn"], SelectiveRecompute)
+
+
+def test_which_outputs_are_kept():
+    aten = torch.ops.aten
+    x, base, lora_a, lora_b = torch.ones(16, 64), torch.ones(64, 192), torch.ones(64, 4), torch.ones(4, 192)
+    assert keeps_output(aten.mm.default, (x, base)), "a projection"
+    assert keeps_output(aten.mm.default, (x, lora_a)), "LoRA's A product: small output, full inner dimension"
+    assert not keeps_output(aten.mm.default, (torch.ones(16, 4), lora_b)), "LoRA's B product: the rank is inner"
+    assert keeps_output(aten.addmm.default, (torch.ones(192), x, base))
+    assert keeps_output(aten.bmm.default, (torch.ones(2, 16, 64), torch.ones(2, 64, 192)))
+    assert not keeps_output(aten.mul.Tensor, (x, x)), "elementwise work is recomputed"
+    on_meta = (torch.ones(16, 64, device="meta"), torch.ones(64, 192, device="meta"))
+    assert not keeps_output(aten.mm.default, on_meta), "no host memory beside this device: recomputed"
+    for op in attention_ops():
+        assert keeps_output(op, ())
+
+
+class _Block(torch.nn.Module):
+    """A projection whose output the forward changes in place (as peft's ``result += ...`` once did)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(32, 32) / 8)
+
+    def forward(self, x):
+        y = x @ self.weight
+        y.add_(1.0)
+        return torch.tanh(y) @ self.weight
+
+
+@needs_selective
+def test_an_output_changed_in_place_is_recomputed_not_served():
+    torch.manual_seed(0)
+    block, x = _Block(), torch.randn(8, 32, requires_grad=True)
+    block(x).square().sum().backward()
+    reference = (x.grad.clone(), block.weight.grad.clone())
+    x.grad = block.weight.grad = None
+    with OpCounts() as ops:
+        out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=SelectiveRecompute())
+        out.square().sum().backward()
+    assert torch.allclose(x.grad, reference[0], rtol=1e-6) and torch.allclose(block.weight.grad, reference[1], rtol=1e-6)
+    # Forward: 2 products; recompute: the changed one again (the other is served); backward: 4.
+    assert ops.matmuls() == 2 + 1 + 4
+
+
+@needs_selective
+def test_nothing_is_kept_without_grad():
+    recompute, block = SelectiveRecompute(), _Block()
+    with torch.no_grad():
+        torch.utils.checkpoint.checkpoint(block, torch.randn(8, 32), use_reentrant=False, context_fn=recompute)
+    assert not recompute._order, "no graph, no recompute: a forward without grad keeps nothing"
+    torch.utils.checkpoint.checkpoint(block, torch.randn(8, 32), use_reentrant=False, context_fn=recompute)
+    assert len(recompute._order) == 1, "with grad it does"
+
+
+@needs_selective
+def test_the_context_fn_copies_and_pickles_as_a_fresh_one():
+    original = SelectiveRecompute()
+    for twin in (copy.deepcopy(original), pickle.loads(pickle.dumps(original))):
+        assert isinstance(twin, SelectiveRecompute) and twin is not original
 
 
 @needs_selective
