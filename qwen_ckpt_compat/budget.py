@@ -227,6 +227,10 @@ def _preserved_rng(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[])
 
 
+def _never_unpacked(packed: None) -> torch.Tensor:
+    raise RuntimeError("the memory probe's graph has no backward pass")
+
+
 def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kwargs: dict, *, selective: bool = False) -> BlockMeasurement:
     """Runs ``run(*args, **kwargs)`` (the block's plain call) once with grad on and measures what it saves.
 
@@ -245,24 +249,27 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
             kwargs = {**kwargs, "hidden_states": hidden}
     excluded = {_storage_key(t) for t in (*block.parameters(), *block.buffers(), *_tensors((args, kwargs)))}
     saved: dict = {}
+    held: list = []  # alive until the probe ends, so no two saved tensors share an address
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
+    def pack(tensor: torch.Tensor) -> None:
+        # Held here, not in the graph: returning the tensor itself would make a cycle through autograd wherever
+        # an operator saves its own output, which Python's collector cannot see (the probe never runs backward).
         key = _storage_key(tensor)
         if key is not None and key not in saved:
             saved[key] = _storage_bytes(tensor)
-        return tensor
+        held.append(tensor)
 
     recorder = None
     with contextlib.ExitStack() as stack:
         stack.enter_context(_preserved_rng(hidden.device))
         stack.enter_context(torch.enable_grad())
-        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked))
         if selective:
             recorder = stack.enter_context(_KeptOnDevice())
         output = run(*args, **kwargs)
         # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
         excluded.add(_storage_key(next(_tensors(output), hidden)))
-        del output
+        del output, held
     return BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
         block_bytes=sum(n for key, n in saved.items() if key not in excluded),
