@@ -97,13 +97,13 @@ def attention_ops() -> tuple[Any, ...]:
     return tuple(found)
 
 
-def _matmul_operands(func: Any, args: tuple) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-    aten = torch.ops.aten
-    if func in (aten.mm.default, aten.bmm.default):
-        return args[0], args[1]
-    if func in (aten.addmm.default, aten.baddbmm.default):
-        return args[1], args[2]
-    return None
+# A matrix product's overload -> the index of its left operand (the right one follows it).
+_MATMULS = {
+    torch.ops.aten.mm.default: 0,
+    torch.ops.aten.bmm.default: 0,
+    torch.ops.aten.addmm.default: 1,
+    torch.ops.aten.baddbmm.default: 1,
+}
 
 
 def keeps_output(func: Any, args: tuple) -> bool:
@@ -114,10 +114,10 @@ def keeps_output(func: Any, args: tuple) -> bool:
     """
     if func in _ATTENTION:
         return True
-    operands = _matmul_operands(func, args)
-    if operands is None:
+    first = _MATMULS.get(func)
+    if first is None:
         return False
-    left, right = operands
+    left, right = args[first], args[first + 1]
     if left.device.type not in ("cpu", "cuda"):  # no host memory to put it in: recomputed
         return False
     return left.shape[-1] >= right.shape[-1] * _INNER_TO_WIDTH
