@@ -213,7 +213,7 @@ def render(report: dict, source: str, plotted: bool, notes: str = "") -> str:
         "(forward, backward, optimizer step, the device synchronised before and after each). Peak = "
         "`torch.cuda.max_memory_allocated()` over the whole mode (weights included), reset after the previous mode "
         "was freed (`gc.collect()`, `torch.cuda.empty_cache()`).",
-        "- The attention kernel column names the SDPA kernels seen in the first warm-up step.",
+        "- The attention kernel column names the SDPA kernels seen in one more step after the timed ones.",
         "- Native Qwen2 (the peer): `Qwen2ForCausalLM` with the same shapes (32 key/value heads), SDPA attention, "
         "transformers' own non-reentrant checkpointing, LoRA on all its linear layers.",
         "- transformers' own path (no library, a separate process): "

@@ -272,8 +272,8 @@ def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, resul
         result.losses.append(loss)
     result.step_s = statistics.median(result.step_times_s)
     result.peak_bytes = _peak(device)
-    # The kernels are named in one more step, after the peak was read: a dispatch mode around a step changes
-    # what selective recompute's own dispatch modes hold (+2.65 GiB for run 3's policy at 8192 tokens).
+    # The kernels are named in one more step, after the peak was read: no measured step runs under an extra
+    # dispatch mode.
     with _AttentionKernels() as kernels:
         step()
     result.attention_kernels = sorted(kernels.names)

@@ -269,7 +269,8 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         output = run(*args, **kwargs)
         # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
         excluded.add(_storage_key(next(_tensors(output), hidden)))
-        del output, held
+        del output
+        held.clear()
     return BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
         block_bytes=sum(n for key, n in saved.items() if key not in excluded),
@@ -292,7 +293,7 @@ class MemoryPlan:
         shape (`tuple[int, int]`): (batch, sequence length) measured; the plan serves every batch no larger in
             either.
         decisions (`tuple[str, ...]`): per decoder block, in model order: ``"keep"`` (not checkpointed),
-            ``"selective"`` (checkpointed, attention output kept) or ``"checkpoint"`` (recomputed whole).
+            ``"selective"`` (checkpointed, expensive outputs kept) or ``"checkpoint"`` (recomputed whole).
         offload (`bool`): the checkpointed blocks' inputs are kept in host memory.
         fits (`bool`): the predicted peak is within the budget.
         predicted_peak_bytes (`int`, *optional*): the peak the plan should reach.
@@ -355,7 +356,7 @@ class MemoryPlan:
             m = self.measurement
             lines.append(
                 f"  per block: {format_bytes(m.block_bytes)} kept activations, {format_bytes(m.input_bytes)} input"
-                + (f", {format_bytes(m.selective_bytes)} attention outputs" if m.selective_bytes else "")
+                + (f", {format_bytes(m.selective_bytes)} kept by selective recompute" if m.selective_bytes else "")
                 + f"; fully checkpointed step peaked at {format_bytes(self.floor_peak_bytes)}"
                 + ("" if self.floor_peak_exact else " (upper bound)")
             )
@@ -390,8 +391,8 @@ def choose_plan(
 
     * ``predicted = allocated + floor_transient + k x block_bytes + s x selective_bytes``, and with offloading
       ``- (num_blocks - k) x input_bytes``;
-    * with ``selective_bytes`` (selective recompute asked for), checkpointed blocks keep their attention output
-      first, as many as fit; only when all do are blocks left un-checkpointed, as many as fit;
+    * with ``selective_bytes`` (selective recompute asked for), checkpointed blocks are selective first, as many
+      as fit; only when all do are blocks left un-checkpointed, as many as fit;
     * offloading only when nothing fits without it; kept blocks are the last ones, selective ones before them.
 
     When nothing fits, the decisions are the most memory-saving ones, ``predicted`` equals ``minimum`` and

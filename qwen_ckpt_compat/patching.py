@@ -87,7 +87,7 @@ class CheckpointRequest:
         every_n_layers (`int`, *optional*): checkpoint every n-th decoder block only.
         offload (`bool`, *optional*): keep the saved block inputs in host memory.
         memory_budget (`int`, *optional*): bytes; plan which blocks to checkpoint (see :mod:`.budget`).
-        selective (`bool`, *optional*): checkpointed blocks keep their attention outputs (see :mod:`.selective`).
+        selective (`bool`, *optional*): checkpointed blocks keep their expensive outputs (see :mod:`.selective`).
     """
 
     kwargs: Optional[dict] = None

@@ -68,7 +68,7 @@ class CheckpointSettings:
         kwargs (`dict`): the kwargs given to ``torch.utils.checkpoint.checkpoint``, for display.
         memory_budget (`int`, *optional*): bytes; which blocks are checkpointed is then planned during training
             (see :mod:`qwen_ckpt_compat.budget` and ``memory_plan(model)``).
-        selective (`bool`): checkpointed blocks keep their attention outputs (``kwargs["context_fn"]``).
+        selective (`bool`): checkpointed blocks keep their attention and projection outputs (``kwargs["context_fn"]``).
     """
 
     function: Callable[..., Any]

@@ -28,6 +28,7 @@ place after it was kept is recomputed instead of served.
 from __future__ import annotations
 
 import collections
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -37,7 +38,7 @@ import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import UnsupportedTorchError
+from .errors import CompatWarning, UnsupportedTorchError
 
 __all__ = [
     "ATTENTION_OP_NAMES",
@@ -190,10 +191,15 @@ class _BlockOutputs:
             self.by_storage[leaf.untyped_storage().data_ptr()] = (entry, weakref.ref(leaf))
             if stays_on_device(leaf):
                 values.append(leaf.detach())
-            else:
-                entry.on_host.append(len(values))
-                entry.device = leaf.device
+                continue
+            try:
                 values.append(self.owner.copy_to_host(leaf))
+            except RuntimeError as error:  # no pinned host memory left
+                self.owner.warn_no_host_memory(error)
+                entry.stale = True
+                return
+            entry.on_host.append(len(values) - 1)
+            entry.device = leaf.device
 
     def mark_written(self, tensors: list) -> None:
         """An operator wrote to ``tensors``: outputs kept in their storage are recomputed, not served."""
@@ -224,6 +230,7 @@ class _BlockOutputs:
             return None
         if entry.on_host:
             self.fetch()
+            assert self.ready is not None  # set by fetch() for every block with host copies
             torch.cuda.current_stream(entry.device).wait_event(self.ready)
         return tree_unflatten(entry.values, entry.spec)
 
@@ -286,6 +293,7 @@ class SelectiveRecompute:
         require_selective_checkpointing()
         self._streams: dict = {}
         self._order: list = []  # weak references to _BlockOutputs, in forward order
+        self._warned = False
 
     def __call__(self) -> tuple[TorchDispatchMode, TorchDispatchMode]:
         outputs = _BlockOutputs(self)
@@ -333,6 +341,16 @@ class SelectiveRecompute:
             host.copy_(tensor, non_blocking=True)
         tensor.record_stream(stream)  # its memory is not reused before the copy has read it
         return host
+
+    def warn_no_host_memory(self, error: RuntimeError) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"selective recompute could not get pinned host memory for a kept output ({error}); outputs that "
+                "do not fit are recomputed instead, as with full checkpointing.",
+                CompatWarning,
+                stacklevel=2,
+            )
 
     def copy_to_device(self, device: torch.device, copies: list) -> Any:
         """Starts copying ``copies`` (kept entries, value indices) back to ``device``; returns the event that ends them."""

@@ -55,3 +55,24 @@ def test_small_outputs_stay_on_the_gpu_and_large_ones_go_to_the_host():
     assert selective_module.stays_on_device(small)
     assert not selective_module.stays_on_device(large)
     assert selective_module.stays_on_device(large[1:]), "not the whole storage: kept on the device, not copied"
+
+
+def test_without_pinned_host_memory_outputs_are_recomputed_with_one_warning(tiny_qwen_dir, monkeypatch):
+    from helpers import load_qwen
+
+    from qwen_ckpt_compat import CompatWarning
+
+    inputs = _on_cuda(batch())
+    reference = step_grads(lora(load_qwen(tiny_qwen_dir).cuda()), inputs)
+
+    def no_pinned_memory(self, tensor):
+        raise RuntimeError("CUDA error: out of memory (cudaHostAlloc)")
+
+    monkeypatch.setattr(selective_module, "HOST_COPY_MIN_BYTES", 0)
+    monkeypatch.setattr(selective_module.SelectiveRecompute, "copy_to_host", no_pinned_memory)
+    model = lora(load_qwen(tiny_qwen_dir).cuda())
+    prepare_for_lora(model, selective=True)
+    with pytest.warns(CompatWarning, match="pinned host memory") as caught:
+        grads = step_grads(model, inputs)
+    assert len([w for w in caught if "pinned host memory" in str(w.message)]) == 1
+    assert max_relative_difference(grads, reference) <= 1e-5
