@@ -21,13 +21,15 @@ Kept outputs are large (about 0.65 GiB per Qwen-7B block at 8,192 tokens), so wh
 The mechanism is the one of torch's selective activation checkpointing: a pair of dispatch modes passed to the
 non-reentrant checkpoint as its ``context_fn``, one that keeps outputs during the forward and one that serves
 them during the recompute (torch's own, ``create_selective_checkpoint_contexts``, keeps outputs on the device
-only). It needs torch >= 2.5, the first release whose checkpoint supports this contract. An output changed in
-place after it was kept is recomputed instead of served.
+only; ``torch.compile`` gets that one, see :class:`SelectiveRecompute`). It needs torch >= 2.5, the first
+release whose checkpoint supports this contract. An output changed in place after it was kept is recomputed
+instead of served.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -54,7 +56,8 @@ __all__ = [
 
 #: The aten operators of the fused attention kernels that ``torch.nn.functional.scaled_dot_product_attention``
 #: dispatches to (the names that exist in the installed torch are used). The unfused "math" fallback decomposes
-#: into matrix products and a softmax: its second product (the attention output) is kept by the matmul rule.
+#: into matrix products and a softmax; the matmul rule keeps its second product (the attention output) and, at
+#: sequences no longer than 8 x the head size, its first (the scores).
 ATTENTION_OP_NAMES: tuple[str, ...] = (
     "_scaled_dot_product_flash_attention",
     "_scaled_dot_product_efficient_attention",
@@ -278,19 +281,29 @@ class _ServeKept(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class SelectiveRecompute:
+class SelectiveRecompute(functools.partial):
     """The ``context_fn`` of selective recompute for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``.
 
     One instance serves every block of a model: it owns the side streams of the host copies and knows the order
     in which blocks kept their outputs, so that the backward pass brings a block's outputs back while the block
     after it (in forward order) is still being recomputed.
 
+    It is also ``functools.partial(create_selective_checkpoint_contexts, attention_ops())``, and that is what
+    ``torch.compile`` sees: code that dynamo compiles cannot run these dispatch modes (it takes a ``context_fn``
+    only as a plain function or a ``functools.partial`` of torch's own), so a compiled checkpoint keeps the
+    attention outputs on the device with torch's selective checkpointing; eager code calls this class's
+    ``__call__``.
+
     Raises:
         `UnsupportedTorchError` (a `RuntimeError`): torch < 2.5.
     """
 
-    def __init__(self) -> None:
+    def __new__(cls) -> SelectiveRecompute:
         require_selective_checkpointing()
+        create = torch.utils.checkpoint.create_selective_checkpoint_contexts
+        return super().__new__(cls, create, list(attention_ops()))
+
+    def __init__(self) -> None:
         self._streams: dict = {}
         self._order: list = []  # weak references to _BlockOutputs, in forward order
         self._warned = False

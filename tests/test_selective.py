@@ -136,6 +136,31 @@ def test_nothing_is_kept_without_grad():
     assert len(recompute._order) == 1, "with grad it does"
 
 
+def _compile_works() -> bool:
+    dynamo = getattr(torch, "_dynamo", None)
+    return hasattr(torch, "compile") and dynamo is not None and dynamo.is_dynamo_supported()
+
+
+@needs_selective
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile does not run on this Python/torch")
+def test_a_compiled_checkpoint_gets_torchs_own_selective_checkpointing():
+    """dynamo takes a context_fn only as a function or a functools.partial of torch's own: it gets the latter."""
+    torch.manual_seed(0)
+    block, x = _Block(), torch.randn(8, 32, requires_grad=True)
+    block(x).square().sum().backward()
+    reference = block.weight.grad.clone()
+    block.weight.grad = None
+    recompute = SelectiveRecompute()
+
+    def checkpointed(inputs):
+        return torch.utils.checkpoint.checkpoint(block, inputs, use_reentrant=False, context_fn=recompute)
+
+    torch._dynamo.reset()
+    torch.compile(checkpointed, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
+    assert torch.allclose(block.weight.grad, reference, rtol=1e-5)
+    assert not recompute._order, "the compiled graph did not run this library's dispatch modes"
+
+
 @needs_selective
 def test_the_context_fn_copies_and_pickles_as_a_fresh_one():
     original = SelectiveRecompute()
