@@ -191,7 +191,8 @@ class _BlockOutputs:
             if not isinstance(leaf, torch.Tensor):
                 values.append(leaf)
                 continue
-            self.by_storage[leaf.untyped_storage().data_ptr()] = (entry, weakref.ref(leaf))
+            storage = leaf.untyped_storage()
+            self.by_storage[storage.data_ptr()] = (entry, weakref.ref(storage))
             if stays_on_device(leaf):
                 values.append(leaf.detach())
                 continue
@@ -210,7 +211,10 @@ class _BlockOutputs:
             if type(tensor) is not torch.Tensor:
                 continue
             found = self.by_storage.get(tensor.untyped_storage().data_ptr())
-            if found is not None and found[1]() is not None:  # a dead output's memory may belong to another tensor
+            # Another tensor on the storage keeps it (and torch its Python object) alive after the output itself
+            # is gone, as ``F.linear`` without bias on a 3-d input does; a dead storage's memory may belong to
+            # another tensor by now.
+            if found is not None and found[1]() is not None:
                 found[0].stale = True
 
     def fetch(self) -> None:

@@ -76,7 +76,10 @@ def test_selective_serves_attention_and_projections_and_recomputes_the_rest_with
     assert set(blocks.values()) == {2}, "each block's forward still runs twice: the rest is recomputed"
     # Projections and LoRA's A products (inner dimension >= width / 8): served, so they run as often as without
     # checkpointing; LoRA's B products (inner dimension = the rank): recomputed, as with full checkpointing.
-    assert full_ops.kept_kind[True] > plain_ops.kept_kind[True] == ops.kept_kind[True]
+    # Older peft adds LoRA's output to the base layer's in place (``result += ...``): those base outputs changed
+    # after they were kept, so they are recomputed, one per in-place add.
+    changed_in_place = plain_ops.counts["aten.add_.Tensor"]
+    assert full_ops.kept_kind[True] > plain_ops.kept_kind[True] + changed_in_place == ops.kept_kind[True]
     assert plain_ops.kept_kind[False] < full_ops.kept_kind[False] == ops.kept_kind[False]
     assert max_relative_difference(grads, reference) <= 1e-5
     settings = checkpoint_settings(model)
@@ -99,22 +102,24 @@ def test_which_outputs_are_kept():
 
 
 class _Block(torch.nn.Module):
-    """A projection whose output the forward changes in place (as peft's ``result += ...`` once did)."""
+    """A projection whose output the forward changes in place, as peft's ``result += ...`` once did. Its input is
+    3-d and it has no bias, so ``F.linear`` returns another tensor on the product's storage, and the product's
+    own output object is gone by the time of the write."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = torch.nn.Parameter(torch.randn(32, 32) / 8)
 
     def forward(self, x):
-        y = x @ self.weight
-        y.add_(1.0)
+        y = torch.nn.functional.linear(x, self.weight)
+        y += 1.0
         return torch.tanh(y) @ self.weight
 
 
 @needs_selective
 def test_an_output_changed_in_place_is_recomputed_not_served():
     torch.manual_seed(0)
-    block, x = _Block(), torch.randn(8, 32, requires_grad=True)
+    block, x = _Block(), torch.randn(2, 4, 32, requires_grad=True)
     block(x).square().sum().backward()
     reference = (x.grad.clone(), block.weight.grad.clone())
     x.grad = block.weight.grad = None
@@ -122,7 +127,7 @@ def test_an_output_changed_in_place_is_recomputed_not_served():
         out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False, context_fn=SelectiveRecompute())
         out.square().sum().backward()
     assert torch.allclose(x.grad, reference[0], rtol=1e-6) and torch.allclose(block.weight.grad, reference[1], rtol=1e-6)
-    # Forward: 2 products; recompute: the changed one again (the other is served); backward: 4.
+    # Forward: 2 products; recompute: the changed one again (the other is served); backward: 2 per product.
     assert ops.matmuls() == 2 + 1 + 4
 
 
@@ -130,9 +135,9 @@ def test_an_output_changed_in_place_is_recomputed_not_served():
 def test_nothing_is_kept_without_grad():
     recompute, block = SelectiveRecompute(), _Block()
     with torch.no_grad():
-        torch.utils.checkpoint.checkpoint(block, torch.randn(8, 32), use_reentrant=False, context_fn=recompute)
+        torch.utils.checkpoint.checkpoint(block, torch.randn(2, 4, 32), use_reentrant=False, context_fn=recompute)
     assert not recompute._order, "no graph, no recompute: a forward without grad keeps nothing"
-    torch.utils.checkpoint.checkpoint(block, torch.randn(8, 32), use_reentrant=False, context_fn=recompute)
+    torch.utils.checkpoint.checkpoint(block, torch.randn(2, 4, 32), use_reentrant=False, context_fn=recompute)
     assert len(recompute._order) == 1, "with grad it does"
 
 
@@ -146,7 +151,7 @@ def _compile_works() -> bool:
 def test_a_compiled_checkpoint_gets_torchs_own_selective_checkpointing():
     """dynamo takes a context_fn only as a function or a functools.partial of torch's own: it gets the latter."""
     torch.manual_seed(0)
-    block, x = _Block(), torch.randn(8, 32, requires_grad=True)
+    block, x = _Block(), torch.randn(2, 4, 32, requires_grad=True)
     block(x).square().sum().backward()
     reference = block.weight.grad.clone()
     block.weight.grad = None
