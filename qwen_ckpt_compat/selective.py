@@ -242,15 +242,19 @@ class _BlockOutputs:
         return tree_unflatten(entry.values, entry.spec)
 
 
-class _KeepOutputs(TorchDispatchMode):
-    """The forward context: runs every operator and keeps the outputs :func:`keeps_output` names.
-
-    torch's checkpoint enters it only for a forward that records a graph (never under ``torch.no_grad()``).
-    """
+class _BlockMode(TorchDispatchMode):
+    """A dispatch mode of one checkpointed block call, sharing that call's kept outputs with its twin."""
 
     def __init__(self, outputs: _BlockOutputs) -> None:
         super().__init__()
         self.outputs = outputs
+
+
+class _KeepOutputs(_BlockMode):
+    """The forward context: runs every operator and keeps the outputs :func:`keeps_output` names.
+
+    torch's checkpoint enters it only for a forward that records a graph (never under ``torch.no_grad()``).
+    """
 
     def __enter__(self) -> Any:
         self.outputs.owner.register(self.outputs)
@@ -266,12 +270,8 @@ class _KeepOutputs(TorchDispatchMode):
         return out
 
 
-class _ServeKept(TorchDispatchMode):
+class _ServeKept(_BlockMode):
     """The recompute context: serves kept outputs instead of running their operators; runs everything else."""
-
-    def __init__(self, outputs: _BlockOutputs) -> None:
-        super().__init__()
-        self.outputs = outputs
 
     def __enter__(self) -> Any:
         self.outputs.owner.prefetch(self.outputs)
