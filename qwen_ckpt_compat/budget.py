@@ -207,6 +207,7 @@ class _KeptOnDevice(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.storages: dict = {}
+        self.held: list = []  # alive while the probe runs, so no two outputs share an address
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         from .selective import keeps_output, stays_on_device
@@ -217,6 +218,7 @@ class _KeptOnDevice(TorchDispatchMode):
                 key = _storage_key(tensor)
                 if key is not None and stays_on_device(tensor):
                     self.storages[key] = _storage_bytes(tensor)
+                    self.held.append(tensor)
         return out
 
 
@@ -271,6 +273,8 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         excluded.add(_storage_key(next(_tensors(output), hidden)))
         del output
         held.clear()
+        if recorder is not None:
+            recorder.held.clear()
     return BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
         block_bytes=sum(n for key, n in saved.items() if key not in excluded),

@@ -372,17 +372,22 @@ def test_selective_with_a_budget(four_blocks, device):
     model = lora(four_blocks)
     inputs = batch()
     reference = step_grads(model, inputs)
-    a = _block_bytes(model, inputs)
-    s = _block_bytes(model, inputs, selective=True)
+    transient = 10 * device.allocated_bytes
+    # The planner's own measurement first, with a budget everything fits in.
+    prepare_for_lora(model, memory_budget=100 * transient, selective=True)
+    step_grads(model, inputs)
+    device.peak = device.allocated_bytes + transient
+    step_grads(model, inputs)
+    measured = memory_plan(model).measurement
+    a, s = measured.block_bytes, measured.selective_bytes
     assert 0 < s < a, "selective recompute keeps part of what a block saves"
     # Room for every block selective and one and a half blocks kept whole: three selective, the last one kept.
     room = 4 * s + 1.5 * (a - s)
-    prepare_for_lora(model, memory_budget=_budget_for(1, room, device.allocated_bytes, 5 * a), selective=True)
+    prepare_for_lora(model, memory_budget=_budget_for(1, room, device.allocated_bytes, transient), selective=True)
     step_grads(model, inputs)
-    device.peak = device.allocated_bytes + 5 * a
     grads = step_grads(model, inputs)
     plan = memory_plan(model)
-    assert 0 < plan.measurement.selective_bytes < plan.measurement.block_bytes
+    assert (plan.measurement.block_bytes, plan.measurement.selective_bytes) == (a, s)
     assert plan.decisions == (SELECTIVE, SELECTIVE, SELECTIVE, KEEP)
     assert max_relative_difference(grads, reference) <= 1e-5
 
