@@ -123,6 +123,27 @@ def plans(report: dict) -> list:
     return lines or ["No plan was recorded.", ""]
 
 
+def _label_shifts(points: list, width_pt: float = 430.0, height_pt: float = 330.0) -> list:
+    """Vertical label offsets (typographic points) so that no two labels overlap: each label, highest point first,
+    takes the nearest free line (the plot's size in points and 4 points per character of 7-point text are
+    estimates made before layout)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x_scale = width_pt / ((max(xs) - min(xs)) or 1.0)
+    y_scale = height_pt / ((max(ys) - min(ys)) or 1.0)
+    placed: list = []  # (left, bottom, right, top) in points
+    shifts = [0] * len(points)
+    for index in sorted(range(len(points)), key=lambda i: -points[i][1]):
+        x, y, mode = points[index]
+        left, base = (x - min(xs)) * x_scale + 4, (y - min(ys)) * y_scale + 3
+        for shift in (0, -9, 9, -18, 18, -27, 27, -36, 36):
+            box = (left, base + shift, left + 4 * len(mode), base + shift + 8)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+                break
+        placed.append(box)
+        shifts[index] = shift
+    return shifts
+
+
 def plot(report: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -137,13 +158,14 @@ def plot(report: dict, path: Path) -> bool:
         return False
     figure, axes = plt.subplots(1, len(seqs), figsize=(7 * len(seqs), 6), squeeze=False)
     for axis, seq in zip(axes[0], seqs):
-        for row in [r for r in rows if r["seq"] == seq]:
-            fused = row["mode"].endswith("+fused")
-            marker = "s" if row["mode"] == "native_qwen2" else ("o" if not fused else "^")
-            axis.scatter(row["step_s"], row["peak_bytes"] / GIB, marker=marker, s=45,
-                         color="tab:red" if row["mode"] == "native_qwen2" else ("tab:blue" if not fused else "tab:green"))
-            axis.annotate(row["mode"], (row["step_s"], row["peak_bytes"] / GIB), fontsize=7, xytext=(4, 3),
-                          textcoords="offset points")
+        points = [(r["step_s"], r["peak_bytes"] / GIB, r["mode"]) for r in rows if r["seq"] == seq]
+        for (x, y, mode), shift in zip(points, _label_shifts(points)):
+            fused = mode.endswith("+fused")
+            marker = "s" if mode == "native_qwen2" else ("o" if not fused else "^")
+            axis.scatter(x, y, marker=marker, s=45,
+                         color="tab:red" if mode == "native_qwen2" else ("tab:blue" if not fused else "tab:green"))
+            axis.annotate(mode, (x, y), fontsize=7, xytext=(4, 3 + shift), textcoords="offset points",
+                          arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.6"} if shift else None)
         for label, marker, color in (("library mode", "o", "tab:blue"), ("with the fused kernel", "^", "tab:green"),
                                      ("native Qwen2 (peer)", "s", "tab:red")):
             axis.scatter([], [], marker=marker, color=color, label=label)
