@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten  # tree_leaves is newer than torch 2.0
 
 import qwen_ckpt_compat
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, describe, is_patched, patch, prepare_for_lora
+from qwen_ckpt_compat.selective import attention_ops
 from qwen_ckpt_compat.testing import TARGET_MODULES, load_tiny_qwen
 
 STEPS = 3
@@ -116,6 +118,19 @@ def _wrap(engine: str, model: torch.nn.Module) -> torch.nn.Module:
     raise SystemExit(f"unknown engine {engine!r}")
 
 
+class _AttentionCalls(TorchDispatchMode):
+    """Counts the fused attention kernels that really run (selective recompute serves them in the recompute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.kernels = set(attention_ops())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func in self.kernels
+        return func(*args, **(kwargs or {}))
+
+
 def _record_checkpoint_calls(seen: list) -> None:
     """Wraps torch's checkpoint (looked up at call time by the library) to see what reaches it."""
     original = torch.utils.checkpoint.checkpoint
@@ -146,7 +161,8 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
     model.float().train()
     from peft import LoraConfig, get_peft_model
 
-    model = prepare_for_lora(model)
+    options = {"selective": True} if engine.endswith("-selective") else {}
+    model = prepare_for_lora(model, **options)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGET_MODULES)))
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     with warnings.catch_warnings(record=True) as caught:
@@ -154,7 +170,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
         wrapped = _wrap(engine, model)
         # Every public function must accept what the engine handed back.
         info = describe(wrapped)
-        prepare_for_lora(wrapped)
+        prepare_for_lora(wrapped, **options)
         patch(wrapped)
         settings = checkpoint_settings(wrapped)
         patched = is_patched(wrapped)
@@ -168,14 +184,15 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
         mine = ids[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
         optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
         losses = []
-        for _ in range(STEPS):
-            loss = wrapped(input_ids=mine, labels=mine).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            mean = loss.detach().float().clone()
-            dist.all_reduce(mean)
-            losses.append(mean.item() / world)
+        with _AttentionCalls() as attention:
+            for _ in range(STEPS):
+                loss = wrapped(input_ids=mine, labels=mine).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                mean = loss.detach().float().clone()
+                dist.all_reduce(mean)
+                losses.append(mean.item() / world)
 
     full = _full_lora_state(wrapped, engine)
     changed = sorted(n for n, p in full.items() if n in lora and not torch.equal(p, lora[n]))
@@ -193,6 +210,8 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
         "num_decoder_blocks": info.num_decoder_blocks,
         "is_patched": patched,
         "settings_use_reentrant": None if settings is None else settings.use_reentrant,
+        "settings_selective": None if settings is None else settings.selective,
+        "attention_calls": attention.calls,
         "losses": losses,
         "block_runs": counts,
         "checkpoint_calls": seen,

@@ -49,7 +49,9 @@ def _fsdp2_available() -> bool:
 
 
 FSDP2 = _fsdp2_available()
-FP32_ENGINES = ["ddp", "accelerate", "fsdp1"] + (["fsdp2"] if FSDP2 else [])
+SELECTIVE = hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
+SELECTIVE_ENGINES = (["fsdp1-selective"] + (["fsdp2-selective"] if FSDP2 else [])) if SELECTIVE else []
+FP32_ENGINES = ["ddp", "accelerate", "fsdp1"] + (["fsdp2"] if FSDP2 else []) + SELECTIVE_ENGINES
 BF16_ENGINES = ["fsdp1-bf16"] + (["fsdp2-bf16"] if FSDP2 else [])
 ENGINES = FP32_ENGINES + BF16_ENGINES + (["fsdp2-bf16-engine-ac"] if FSDP2 else [])
 needs_fsdp2 = pytest.mark.skipif(not FSDP2, reason=f"torch {torch.__version__} has no FSDP2 (fully_shard)")
@@ -142,6 +144,19 @@ def test_float32_losses_equal_ddp(runs, engine):
 def test_bf16_mixed_precision_losses_match_ddp_within_bf16_tolerance(runs, engine):
     ddp = _ok(runs, "ddp")[0]["losses"]
     assert _ok(runs, engine)[0]["losses"] == pytest.approx(ddp, rel=BF16_LOSS_RTOL)
+
+
+@needs_gloo
+@pytest.mark.behaviour("engines")
+@pytest.mark.parametrize("engine", SELECTIVE_ENGINES)
+def test_selective_recompute_serves_attention_under_fsdp(runs, engine):
+    """Inside FSDP's hooks too: the attention kernel runs once per block and step (twice without selective), and
+    the losses equal DDP's (test_float32_losses_equal_ddp)."""
+    plain = _ok(runs, engine.replace("-selective", ""))[0]
+    for rank in _ok(runs, engine):
+        assert rank["settings_selective"] is True
+        assert rank["attention_calls"] == BLOCKS * STEPS
+    assert plain["settings_selective"] is False and plain["attention_calls"] == 2 * BLOCKS * STEPS
 
 
 @needs_gloo
