@@ -230,9 +230,9 @@ def _native_request(root: Any, request: CheckpointRequest, fused_attention: bool
             stacklevel=3,
         )
     if request.selective:
-        from .selective import selective_context_fn
+        from .selective import SelectiveRecompute
 
-        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": selective_context_fn()})
+        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": SelectiveRecompute()})
     return request
 
 

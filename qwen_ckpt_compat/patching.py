@@ -285,7 +285,7 @@ def _settings(model: torch.nn.Module, function: Optional[Callable], every_n_laye
 
 def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
     """Adds selective recompute's ``context_fn`` to ``kwargs`` where it can work; warns where it cannot."""
-    from .selective import selective_checkpointing_available, selective_context_fn
+    from .selective import SelectiveRecompute, selective_checkpointing_available
 
     if kwargs["use_reentrant"] or not selective_checkpointing_available():
         why = "the reentrant checkpoint was asked for" if kwargs["use_reentrant"] else f"torch {torch.__version__} < 2.5"
@@ -296,7 +296,7 @@ def _selective_context(model: torch.nn.Module, kwargs: dict) -> bool:
             stacklevel=5,
         )
         return False
-    kwargs["context_fn"] = selective_context_fn()
+    kwargs["context_fn"] = SelectiveRecompute()
     return True
 
 

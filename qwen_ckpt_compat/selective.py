@@ -33,7 +33,7 @@ import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
@@ -50,7 +50,6 @@ __all__ = [
     "keeps_output",
     "require_selective_checkpointing",
     "selective_checkpointing_available",
-    "selective_context_fn",
     "stays_on_device",
 ]
 
@@ -236,8 +235,7 @@ class _BlockOutputs:
         if entry.stale or entry.signature != _signature(args):
             return None
         if entry.on_host:
-            self.fetch()
-            assert self.ready is not None  # set by fetch() for every block with host copies
+            assert self.ready is not None  # _ServeKept.__enter__ fetched this block's host copies
             torch.cuda.current_stream(entry.device).wait_event(self.ready)
         return tree_unflatten(entry.values, entry.spec)
 
@@ -386,9 +384,4 @@ class SelectiveRecompute(functools.partial):
 
 
 _ATTENTION = frozenset(attention_ops())
-
-
-def selective_context_fn() -> Callable[[], Any]:
-    """A new :class:`SelectiveRecompute`, the ``context_fn`` of one model's checkpointed blocks."""
-    return SelectiveRecompute()
 
