@@ -46,6 +46,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import routing
 from .errors import CompatWarning
+from .selective import keeps_output, stays_on_device
 
 __all__ = [
     "BlockMeasurement",
@@ -202,23 +203,20 @@ def _tensors(value: Any) -> Iterator[torch.Tensor]:
 
 
 class _KeptOnDevice(TorchDispatchMode):
-    """Records the storages of the outputs selective recompute would keep in device memory."""
+    """Records the outputs selective recompute would keep in device memory, one per storage, held while the probe
+    runs so that no two of them share an address."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.storages: dict = {}
-        self.held: list = []  # alive while the probe runs, so no two outputs share an address
+        self.kept: dict = {}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        from .selective import keeps_output, stays_on_device
-
         out = func(*args, **(kwargs or {}))
         if keeps_output(func, args):
             for tensor in _tensors(out):
                 key = _storage_key(tensor)
                 if key is not None and stays_on_device(tensor):
-                    self.storages[key] = _storage_bytes(tensor)
-                    self.held.append(tensor)
+                    self.kept.setdefault(key, tensor)
         return out
 
 
@@ -250,16 +248,15 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         else:
             kwargs = {**kwargs, "hidden_states": hidden}
     excluded = {_storage_key(t) for t in (*block.parameters(), *block.buffers(), *_tensors((args, kwargs)))}
-    saved: dict = {}
-    held: list = []  # alive until the probe ends, so no two saved tensors share an address
+    saved: dict = {}  # storage key -> a tensor saved in it, held until the probe ends so no address is reused
 
     def pack(tensor: torch.Tensor) -> None:
         # Held here, not in the graph: returning the tensor itself would make a cycle through autograd wherever
         # an operator saves its own output, which Python's collector cannot see (the probe never runs backward).
+        # The graph keeps this hook, so ``saved`` is emptied before the probe returns, for the same reason.
         key = _storage_key(tensor)
-        if key is not None and key not in saved:
-            saved[key] = _storage_bytes(tensor)
-        held.append(tensor)
+        if key is not None:
+            saved.setdefault(key, tensor)
 
     recorder = None
     with contextlib.ExitStack() as stack:
@@ -271,16 +268,14 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         output = run(*args, **kwargs)
         # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
         excluded.add(_storage_key(next(_tensors(output), hidden)))
-        del output
-        held.clear()
-        if recorder is not None:
-            recorder.held.clear()
-    return BlockMeasurement(
+    measurement = BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
-        block_bytes=sum(n for key, n in saved.items() if key not in excluded),
+        block_bytes=sum(_storage_bytes(t) for key, t in saved.items() if key not in excluded),
         input_bytes=_storage_bytes(hidden),
-        selective_bytes=sum(recorder.storages.values()) if recorder is not None else 0,
+        selective_bytes=sum(map(_storage_bytes, recorder.kept.values())) if recorder is not None else 0,
     )
+    saved.clear()
+    return measurement
 
 
 # ------------------------------------------------------------------------------------------------- plan
