@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
-from torch.utils._python_dispatch import TorchDispatchMode
+from helpers import OpCounts  # tests/ is on PYTHONPATH (test_engines.py sets it)
 from torch.utils._pytree import tree_flatten  # tree_leaves is newer than torch 2.0
 
 import qwen_ckpt_compat
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, describe, is_patched, patch, prepare_for_lora
-from qwen_ckpt_compat.selective import attention_ops
 from qwen_ckpt_compat.testing import TARGET_MODULES, load_tiny_qwen
 
 STEPS = 3
@@ -118,19 +117,6 @@ def _wrap(engine: str, model: torch.nn.Module) -> torch.nn.Module:
     raise SystemExit(f"unknown engine {engine!r}")
 
 
-class _AttentionCalls(TorchDispatchMode):
-    """Counts the fused attention kernels that really run (selective recompute serves them in the recompute)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.calls = 0
-        self.kernels = set(attention_ops())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += func in self.kernels
-        return func(*args, **(kwargs or {}))
-
-
 def _record_checkpoint_calls(seen: list) -> None:
     """Wraps torch's checkpoint (looked up at call time by the library) to see what reaches it."""
     original = torch.utils.checkpoint.checkpoint
@@ -184,7 +170,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
         mine = ids[rank * ROWS_PER_RANK : (rank + 1) * ROWS_PER_RANK]
         optimizer = torch.optim.AdamW([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
         losses = []
-        with _AttentionCalls() as attention:
+        with OpCounts() as ops:
             for _ in range(STEPS):
                 loss = wrapped(input_ids=mine, labels=mine).loss
                 loss.backward()
@@ -211,7 +197,7 @@ def run(engine: str, model_dir: str, out_dir: Path) -> None:
         "is_patched": patched,
         "settings_use_reentrant": None if settings is None else settings.use_reentrant,
         "settings_selective": None if settings is None else settings.selective,
-        "attention_calls": attention.calls,
+        "attention_calls": ops.attention(),
         "losses": losses,
         "block_runs": counts,
         "checkpoint_calls": seen,

@@ -11,6 +11,9 @@ import torch
 import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 import transformers
 from packaging.version import Version
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from qwen_ckpt_compat.selective import attention_ops, keeps_output
 
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
@@ -241,3 +244,28 @@ def reentrant_after(model, final_norm: str, inputs: dict) -> bool:
     finally:
         handle.remove()
     return "CheckpointFunction" in (seen[0] or "")
+
+
+MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
+
+
+class OpCounts(TorchDispatchMode):
+    """Counts the aten operators that really run (an output served by selective recompute does not)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter = Counter()
+        self.kept_kind: Counter = Counter()  # matmuls by whether selective recompute keeps their outputs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func)] += 1
+        if str(func) in MATMULS:
+            self.kept_kind[keeps_output(func, args)] += 1
+        return func(*args, **(kwargs or {}))
+
+    def attention(self) -> int:
+        names = {str(op) for op in attention_ops()}
+        return sum(n for op, n in self.counts.items() if op in names)
+
+    def matmuls(self) -> int:
+        return sum(n for op, n in self.counts.items() if op in MATMULS)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import (
     HAS_CHECKPOINTING_KWARGS,
+    OpCounts,
     batch,
     count_block_calls,
     enable,
@@ -19,34 +20,9 @@ from helpers import (
     needs_selective,
     step_grads,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, checkpoint_settings, prepare_for_lora
 from qwen_ckpt_compat.selective import SelectiveRecompute, attention_ops, keeps_output
-
-MATMULS = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default", "aten.baddbmm.default"}
-
-
-class OpCounts(TorchDispatchMode):
-    """Counts the aten operators that really run (a result served from selective recompute's cache does not)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter = Counter()
-        self.kept_kind: Counter = Counter()  # matmuls by whether the rule keeps their outputs
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func)] += 1
-        if str(func) in MATMULS:
-            self.kept_kind[keeps_output(func, args)] += 1
-        return func(*args, **(kwargs or {}))
-
-    def attention(self) -> int:
-        names = {str(op) for op in attention_ops()}
-        return sum(n for op, n in self.counts.items() if op in names)
-
-    def matmuls(self) -> int:
-        return sum(n for op, n in self.counts.items() if op in MATMULS)
 
 
 def _counted_step(model, inputs) -> tuple[dict, OpCounts, Counter]:
