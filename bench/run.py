@@ -14,7 +14,8 @@ since the mode began (reset after the previous mode was freed); one more step th
 The modes: no checkpointing; transformers' own path without this library (a separate process; recorded as not
 runnable, with the reason, where it fails); every library mode (reentrant, non-reentrant, every 2nd block,
 offload, the memory budget, selective recompute), each with and without the fused attention kernel; native
-Qwen2 of the same shapes with transformers' own checkpointing, as the peer. Results are written after every mode, so a run cut short still leaves them.
+Qwen2 of the same shapes with transformers' own checkpointing, as the peer. Results are written after every
+mode, so a run cut short still leaves them.
 """
 
 from __future__ import annotations
