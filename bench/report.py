@@ -47,7 +47,7 @@ def _by(results: list) -> dict:
 def _parse_budget(text: str) -> Optional[int]:
     sys.path.insert(0, str(ROOT))
     try:
-        from qwen_ckpt_compat.budget import parse_memory_budget
+        from qwen_ckpt_compat.speed.budget import parse_memory_budget
     except ImportError:  # torch missing where the report is made: the budget check is left out
         return None
     return parse_memory_budget(text)

@@ -32,7 +32,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .doctor import run
 
         return run(args.model, as_json=args.json, colour=args.color)
-    from .demo import run_demo
+    from ._demo import run_demo
 
     run_demo(steps=args.steps, layers=args.layers, seq_length=args.seq_length, out=sys.stdout)
     return 0

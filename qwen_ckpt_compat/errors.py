@@ -10,6 +10,7 @@ __all__ = [
     "CompatError",
     "CompatWarning",
     "CheckpointingNotSupportedError",
+    "StreamingUnavailableError",
     "UnsupportedModelError",
     "UnsupportedTorchError",
 ]
@@ -29,6 +30,10 @@ class CheckpointingNotSupportedError(CompatError, ValueError):
 
 class UnsupportedTorchError(CompatError, RuntimeError):
     """The installed torch lacks a feature that was asked for; the message names the torch release needed."""
+
+
+class StreamingUnavailableError(CompatError, ImportError):
+    """``chat_stream()`` needs ``transformers_stream_generator``, which cannot work with this transformers."""
 
 
 class CompatWarning(UserWarning):

@@ -13,7 +13,8 @@ import transformers
 from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from qwen_ckpt_compat.selective import attention_ops, keeps_output
+from qwen_ckpt_compat._model_state import state_of
+from qwen_ckpt_compat.speed.selective import attention_ops, keeps_output
 
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)
 TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
@@ -269,3 +270,9 @@ class OpCounts(TorchDispatchMode):
 
     def matmuls(self) -> int:
         return sum(n for op, n in self.counts.items() if op in MATMULS)
+
+
+def has_our_input_grads_hook(model) -> bool:
+    """Whether the library's own input-embedding hook (for reentrant checkpointing with a frozen base) is in place."""
+    state = state_of(model, create=False)
+    return state is not None and state.input_grads_hook is not None

@@ -10,7 +10,8 @@ from helpers import batch, lora, max_relative_difference, needs_selective
 from torch.overrides import TorchFunctionMode
 
 from qwen_ckpt_compat import CompatWarning, attention, patch, prepare_for_lora, unpatch
-from qwen_ckpt_compat.attention import _causal_arguments
+from qwen_ckpt_compat._model_state import ATTRIBUTE as STATE
+from qwen_ckpt_compat.speed.attention import _causal_arguments
 
 SDPA = torch.nn.functional.scaled_dot_product_attention
 
@@ -124,7 +125,7 @@ def test_only_the_opted_in_model_changes_and_unpatch_undoes_it(tiny_qwen_dir):
     assert {kind for kind, _ in _outputs_and_grads(plain, batch())[2]} == {"mask"}, "same class, not opted in"
     unpatch(fused)
     assert attention_class.__dict__.get("__call__") is original_call
-    assert not any("_qcc_fused_attention" in m.__dict__ for m in fused.modules())
+    assert not any(STATE in m.__dict__ for m in fused.modules()), "no state of the library is left on any module"
     patch(fused)
     assert {kind for kind, _ in _outputs_and_grads(fused, batch())[2]} == {"mask"}
     unpatch(fused)

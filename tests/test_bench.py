@@ -52,7 +52,7 @@ def test_every_mode_runs(tiny_report):
         assert len(row["step_times_s"]) == shapes["steps"] and row["step_s"] > 0
         assert len(row["losses"]) == shapes["warmup"] + shapes["steps"]
         assert all(math.isfinite(loss) and loss > 0 for loss in row["losses"])
-    from qwen_ckpt_compat.selective import attention_ops
+    from qwen_ckpt_compat.speed.selective import attention_ops
 
     if any("for_cpu" in str(op) for op in attention_ops()):  # torch 2.0's CPU SDPA has no fused kernel to see
         for name in QWEN_MODES:

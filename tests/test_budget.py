@@ -19,8 +19,8 @@ from helpers import (
 )
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, memory_plan, prepare_for_lora
-from qwen_ckpt_compat import budget as budget_module
-from qwen_ckpt_compat.budget import (
+from qwen_ckpt_compat.speed import budget as budget_module
+from qwen_ckpt_compat.speed.budget import (
     CHECKPOINT,
     KEEP,
     SELECTIVE,

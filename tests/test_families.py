@@ -148,7 +148,7 @@ def test_describe_names_the_family(family_model):
 def test_every_fixture_is_recognised_as_its_family(tmp_path):
     from helpers import fresh_dir
 
-    from qwen_ckpt_compat.families import families, family_of
+    from qwen_ckpt_compat._family_registry import families, family_of
 
     names = [family.name for family in families()]
     assert names.index("qwen_vl") < names.index("qwen"), "the more specific family first"
@@ -328,7 +328,8 @@ def test_new_api_remote_code_is_left_to_transformers(tmp_path):
     from helpers import HAS_CHECKPOINTING_KWARGS, fresh_dir
 
     from qwen_ckpt_compat import is_patched
-    from qwen_ckpt_compat.families import family_of, prepare_class
+    from qwen_ckpt_compat._family_registry import family_of
+    from qwen_ckpt_compat._preparation import prepare_class
     from qwen_ckpt_compat.testing import load_tiny_new_api_model, write_tiny_new_api_model
 
     path = fresh_dir(tmp_path, write_tiny_new_api_model)

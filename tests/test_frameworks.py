@@ -18,7 +18,7 @@ import types
 
 import pytest
 import torch
-from helpers import enable, load_qwen, lora, needs_kwargs, reentrant_in_effect, step_grads
+from helpers import enable, has_our_input_grads_hook, load_qwen, lora, needs_kwargs, reentrant_in_effect, step_grads
 
 from qwen_ckpt_compat import (
     CompatWarning,
@@ -27,10 +27,9 @@ from qwen_ckpt_compat import (
     is_patched,
     patch,
     prepare_for_lora,
-    routing,
     unpatch,
 )
-from qwen_ckpt_compat.selective import selective_checkpointing_available
+from qwen_ckpt_compat.speed.selective import selective_checkpointing_available
 from qwen_ckpt_compat.testing import watch_checkpointing
 
 
@@ -230,8 +229,8 @@ def test_a_tutorials_own_enable_input_require_grads_is_harmless(qwen, tiny_qwen_
     assert grads.keys() == expected.keys() and len(grads) == 20
     for name in grads:
         torch.testing.assert_close(grads[name], expected[name], rtol=0, atol=0)
-    assert routing.INPUT_GRADS_HOOK not in qwen.__dict__, "the library's own hook went: transformers' does it"
-    ours_in_plain = routing.INPUT_GRADS_HOOK in plain.__dict__
+    assert not has_our_input_grads_hook(qwen), "the library's own hook went: transformers' does it"
+    ours_in_plain = has_our_input_grads_hook(plain)
     assert _input_hooks(qwen) == _input_hooks(plain) + 1 - ours_in_plain, "only the tutorial's own hook is added"
 
 
@@ -244,7 +243,7 @@ def test_our_hook_leaves_at_its_next_run_when_transformers_hook_arrives(qwen):
     qwen.train()
     qwen(input_ids=torch.randint(0, 256, (1, 4)))
     assert _input_hooks(qwen) == before, "ours removed itself; transformers' stays"
-    assert routing.INPUT_GRADS_HOOK not in qwen.__dict__
+    assert not has_our_input_grads_hook(qwen)
     assert reentrant_in_effect(lora(qwen)) is True
 
 

@@ -24,7 +24,7 @@ from helpers import (
 )
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, is_patched, prepare_for_lora, unpatch
-from qwen_ckpt_compat.loading import remote_code_loading_disabled
+from qwen_ckpt_compat._loading import remote_code_loading_disabled
 from qwen_ckpt_compat.testing import write_tiny_qwen
 
 ENABLE_NAMES = ("_set_gradient_checkpointing", "gradient_checkpointing_enable", "activation_checkpointing_enable")
@@ -133,7 +133,7 @@ def test_unpatch_of_a_class_puts_back_the_exact_originals(tmp_path, monkeypatch)
     before = dict(vars(cls))
     assert not is_patched(cls), "a class loaded while the hook is off is left alone"
     assert not any(hasattr(v, "__wrapped__") for v in before.values())
-    from qwen_ckpt_compat.patching import patch_class
+    from qwen_ckpt_compat._class_patch import patch_class
 
     assert patch_class(type(pristine_model)) is cls
     assert patch_class(type(pristine_model)) is cls  # idempotent
@@ -144,15 +144,15 @@ def test_unpatch_of_a_class_puts_back_the_exact_originals(tmp_path, monkeypatch)
 
 
 def test_the_environment_variable_turns_the_hook_off(tmp_path, monkeypatch):
-    """What `import qwen_ckpt_compat` runs (`_enable_on_import`), with QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1."""
+    """What `import qwen_ckpt_compat` runs (`enable_on_import`), with QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1."""
     import transformers.dynamic_module_utils as dynamic_module_utils
 
-    from qwen_ckpt_compat import loading
+    from qwen_ckpt_compat import _loading as loading
 
     monkeypatch.setenv("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", "1")
     loading.disable_remote_code_loading()
     try:
-        loading._enable_on_import()
+        loading.enable_on_import()
         assert not loading.is_remote_code_loading_enabled()
         assert not hasattr(dynamic_module_utils.get_class_in_module, "__wrapped__")
         with monkeypatch.context() as patched:  # Qwen v1 does not load on 4.57+ otherwise

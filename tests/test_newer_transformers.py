@@ -39,11 +39,11 @@ from qwen_ckpt_compat import (
     checkpoint_settings,
     disable_remote_code_loading,
     enable_remote_code_loading,
-    loading,
     patch,
     prepare_for_lora,
     unpatch,
 )
+from qwen_ckpt_compat._repairs import streaming
 from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
 
 REFERENCE = Path(__file__).resolve().parent / "reference" / "qwen_v1_reference.pt"
@@ -129,7 +129,7 @@ def _greedy(model, prompt: torch.Tensor, with_mask: bool = True) -> torch.Tensor
 
 def _stream_case() -> str:
     """What this environment's transformers_stream_generator does when imported: absent, broken or working."""
-    problem = loading.stream_generator_problem()
+    problem = streaming.stream_generator_problem()
     if problem is None:
         return "working"
     return "absent" if "not installed" in problem else "broken"
@@ -325,7 +325,7 @@ def test_other_missing_packages_are_not_hidden(tmp_path, shadow_stream_package, 
 
 @pytest.mark.behaviour("loads")
 def test_chat_stream_says_why_it_cannot_stream(tiny_qwen_dir, qwen):
-    problem = loading.stream_generator_problem() or loading.stream_generator_incompatibility()
+    problem = streaming.stream_generator_problem() or streaming.stream_generator_incompatibility()
     tokenizer = _tokenizer(tiny_qwen_dir)
     qwen.eval()
     if problem is None:  # transformers <= 4.40 with the package installed: it streams
@@ -655,7 +655,7 @@ def test_no_instance_level_override_of_an_enable_method(tiny_qwen_dir, how):
 
 
 def test_removed_apis_never_touch_transformers_classes(native_llama):
-    from qwen_ckpt_compat.removed_apis import restore_removed_apis
+    from qwen_ckpt_compat._preparation import restore_removed_apis
 
     before = {cls: dict(vars(cls)) for cls in (transformers.PreTrainedModel, type(native_llama))}
     assert restore_removed_apis(type(native_llama)) == []
@@ -667,14 +667,15 @@ def test_removed_apis_never_touch_transformers_classes(native_llama):
 def test_removed_apis_are_installed_where_missing_only_and_once(plain):
     from transformers.generation import GenerationMixin
 
-    from qwen_ckpt_compat import removed_apis
+    from qwen_ckpt_compat._preparation import restore_removed_apis
+    from qwen_ckpt_compat._repairs.model_api import get_head_mask
 
-    assert removed_apis.restore_removed_apis(type(plain)) == []  # all done when the class was loaded
+    assert restore_removed_apis(type(plain)) == []  # all done when the class was loaded
     remote = [k for k in type(plain).__mro__ if k.__module__.startswith("transformers_modules.")]
     base = remote[-1]
     assert base.__name__ == "QWenPreTrainedModel"
     # transformers' own get_head_mask where it still has one, the replacement where it does not.
-    ours = getattr(plain.transformer.get_head_mask, "__func__", None) is removed_apis.get_head_mask
+    ours = getattr(plain.transformer.get_head_mask, "__func__", None) is get_head_mask
     assert ours is not hasattr(transformers.PreTrainedModel, "get_head_mask")
     assert ("get_head_mask" in vars(base)) is ours
     # Every release: a model that generates is a GenerationMixin (5.x only through the library).

@@ -60,7 +60,7 @@ def test_demo_shows_the_problem_then_trains_with_falling_loss():
     import io
     import re
 
-    from qwen_ckpt_compat.demo import run_demo
+    from qwen_ckpt_compat._demo import run_demo
 
     out = io.StringIO()
     run_demo(steps=3, out=out)

@@ -22,7 +22,7 @@ from helpers import (
 )
 
 from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, checkpoint_settings, prepare_for_lora
-from qwen_ckpt_compat.selective import SelectiveRecompute, attention_ops, keeps_output
+from qwen_ckpt_compat.speed.selective import SelectiveRecompute, attention_ops, keeps_output
 
 
 def _counted_step(model, inputs) -> tuple[dict, OpCounts, Counter]:

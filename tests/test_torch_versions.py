@@ -29,9 +29,9 @@ from qwen_ckpt_compat import (
     UnsupportedTorchError,
     checkpoint_settings,
     prepare_for_lora,
-    routing,
 )
-from qwen_ckpt_compat.versions import CHECKPOINT_KEYWORD_RELEASES, checkpoint_keywords, installed_version
+from qwen_ckpt_compat import _settings
+from qwen_ckpt_compat._versions import CHECKPOINT_KEYWORD_RELEASES, checkpoint_keywords, installed_version
 
 SAVE_ON_CPU_PARAMETERS = set(inspect.signature(torch.autograd.graph.save_on_cpu).parameters)
 CHECKPOINT_PARAMETERS = set(inspect.signature(torch.utils.checkpoint.checkpoint).parameters)
@@ -59,7 +59,7 @@ def test_offload_on_a_gpu_host_passes_only_what_this_torch_takes(qwen, monkeypat
     On this CPU machine the tensors stay on the host either way; the options are what is checked.
     """
     entered = _spy_on_save_on_cpu(monkeypatch)
-    monkeypatch.setattr(routing, "_offload_device_type", lambda: "cuda")
+    monkeypatch.setattr(_settings, "_offload_device_type", lambda: "cuda")
     prepare_for_lora(qwen, offload=True)
     step_grads(qwen)
     assert len(entered) == 2, "one save_on_cpu context per checkpointed block"
@@ -73,7 +73,7 @@ def test_offload_to_another_accelerator_pins_for_it_where_torch_can(qwen, monkey
     """Pinned memory for a non-CUDA accelerator needs ``save_on_cpu(device_type=)``, i.e. torch >= 2.1; before
     that the inputs go to unpinned host memory, with a warning naming the release."""
     entered = _spy_on_save_on_cpu(monkeypatch)
-    monkeypatch.setattr(routing, "_offload_device_type", lambda: "xpu")
+    monkeypatch.setattr(_settings, "_offload_device_type", lambda: "xpu")
     prepare_for_lora(qwen, offload=True)
     if "device_type" in SAVE_ON_CPU_PARAMETERS:
         with warnings.catch_warnings():
@@ -129,14 +129,14 @@ def test_a_checkpoint_keyword_this_torch_takes_reaches_torch(qwen, monkeypatch):
     assert seen and all(k == {"use_reentrant": False, "determinism_check": "none"} for k in seen), seen
 
 
-def test_routing_imports_what_it_calls():
-    """torch 2.0's ``import torch`` leaves ``torch.utils.checkpoint`` unimported; routing must not rely on others."""
+def test_checkpoint_function_imports_what_it_calls():
+    """torch 2.0's ``import torch`` leaves ``torch.utils.checkpoint`` unimported; the settings must not rely on others."""
     code = (
         "import torch\n"
-        "from qwen_ckpt_compat import routing\n"
+        "from qwen_ckpt_compat import _settings\n"
         "x = torch.ones(3, requires_grad=True)\n"
         "for offload in (False, True):\n"
-        "    run = routing.build_checkpoint_function({'use_reentrant': False}, offload)\n"
+        "    run = _settings.build_checkpoint_function({'use_reentrant': False}, offload)\n"
         "    run(lambda t: (t * t).sum(), x).backward()\n"
         "print(x.grad.tolist())\n"
     )

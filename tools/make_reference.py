@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             f"the reference comes from transformers {REFERENCE_TRANSFORMERS}, "
             f"found {transformers.__version__}"
         )
-    from qwen_ckpt_compat.loading import is_remote_code_loading_enabled
+    from qwen_ckpt_compat._loading import is_remote_code_loading_enabled
 
     assert not is_remote_code_loading_enabled(), "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1 must keep the import hook off"
     if args.family != "qwen":

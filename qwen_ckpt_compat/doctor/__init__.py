@@ -1,12 +1,12 @@
 """``qwen-ckpt-compat doctor [MODEL] [--json]``: what is wrong with this environment and this model, and what to do.
 
 The doctor never imports or runs the model's remote code and never loads weights. It reads ``config.json`` and the
-files ``auto_map`` names (parsed with :mod:`ast`, see :mod:`qwen_ckpt_compat.static_analysis`), and asks the
-installed packages what they can do (:func:`qwen_ckpt_compat.versions.capabilities`), each question guarded, so
+files ``auto_map`` names (parsed with :mod:`ast`, see :mod:`qwen_ckpt_compat._remote_code`), and asks the
+installed packages what they can do (:func:`qwen_ckpt_compat.capabilities`), each question guarded, so
 that a broken or missing torch or transformers is reported, not raised.
 
 Modules: :mod:`.report` (problems, the report, JSON and text), :mod:`.environment` (the installation),
-:mod:`.model` (the model directory and its facts), :mod:`.checks` (the problems), :mod:`.family_facts`
+:mod:`.model` (the model directory and its facts), :mod:`.checks` (the problems), the family registry
 (family-specific measured facts). The JSON follows ``schema.json`` (documented in docs/doctor.md).
 Exit status: 0 when nothing needs the user's action, 1 when something does, 2 when the input cannot be read.
 """
@@ -19,7 +19,7 @@ from typing import Any, Optional, TextIO
 
 from .checks import run_checks
 from .environment import Runtime, import_hook_enabled, installed_versions, stream_generator_status
-from .family_facts import FAMILY_FACTS, FamilyFact
+from .._family_registry import FamilyFact
 from .model import locate, model_facts, model_json, read_model
 from .report import (
     PROBLEM_IDS,
@@ -33,7 +33,6 @@ from .report import (
 )
 
 __all__ = [
-    "FAMILY_FACTS",
     "PROBLEM_IDS",
     "SCHEMA_PATH",
     "SCHEMA_VERSION",

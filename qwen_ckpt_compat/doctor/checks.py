@@ -14,11 +14,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..loading import _NO_IMPORT_HOOK_ENV, STREAM_PACKAGE, is_qwen_style_module
-from ..static_analysis import ModuleFacts
+from .._family_registry import families, family_for_config
+from .._loading import NO_IMPORT_HOOK_ENV
+from .._remote_code import ModuleFacts
+from .._repairs.config import PRE_5_CONFIG_DEFAULTS
+from .._repairs.streaming import STREAM_PACKAGE, is_qwen_style_module
 from .environment import Runtime, import_hook_enabled, quiet, stream_generator_status
-from .family_facts import FAMILY_FACTS
-from .model import ModelFacts, ModelFiles, class_constant, family_of
+from .model import ModelFacts, ModelFiles, class_constant
 from .report import Problem
 
 __all__ = ["run_checks"]
@@ -332,7 +334,7 @@ def _check_removed_methods(ctx: _Context) -> None:
     if base is None or not model.remote:
         return
     try:
-        from ..removed_apis import REPLACEMENTS
+        from .._repairs.model_api import REPLACEMENTS
     except Exception:  # noqa: BLE001 - torch broken: already reported
         REPLACEMENTS = {}
     mixin = runtime.generation_mixin
@@ -428,9 +430,6 @@ def _check_config_attributes(ctx: _Context) -> None:
 
 def _answered_by_the_import(model: ModelFiles, name: str) -> bool:
     """A config attribute of ``PretrainedConfig`` before 5.0 that the import hook answers for this family's config."""
-    from ..families import families
-    from ..removed_apis import PRE_5_CONFIG_DEFAULTS
-
     registered = {model_type for family in families() for model_type in family.model_types}
     return model.model_type in registered and name in PRE_5_CONFIG_DEFAULTS
 
@@ -492,23 +491,24 @@ def _check_import_hook(ctx: _Context) -> None:
     if any(p.fixed_by == "import" for p in ctx.problems):
         ctx.add(
             "import-hook-disabled",
-            f"{_NO_IMPORT_HOOK_ENV} is set, so `import qwen_ckpt_compat` does not install the loading fix that "
+            f"{NO_IMPORT_HOOK_ENV} is set, so `import qwen_ckpt_compat` does not install the loading fix that "
             "this model needs on this release",
-            f"Unset {_NO_IMPORT_HOOK_ENV}, or call qwen_ckpt_compat.enable_remote_code_loading() before "
+            f"Unset {NO_IMPORT_HOOK_ENV}, or call qwen_ckpt_compat.enable_remote_code_loading() before "
             "from_pretrained.",
             needs_action=True,
-            subject=_NO_IMPORT_HOOK_ENV,
+            subject=NO_IMPORT_HOOK_ENV,
         )
 
 
 def _check_family(ctx: _Context) -> None:
-    family = family_of(ctx.model)
+    family = family_for_config(ctx.model.config)
     if ctx.caps is None or family is None:
         return
-    for fact in FAMILY_FACTS:
-        if fact.family == family and fact.applies(ctx.caps):
+    for fact in family.doctor_facts:
+        if fact.applies(ctx.caps):
             ctx.add(
-                fact.id, fact.summary, fact.fix, needs_action=fact.needs_action, subject=family, fixed_by=fact.fixed_by
+                fact.id, fact.summary, fact.fix, needs_action=fact.needs_action, subject=family.name,
+                fixed_by=fact.fixed_by,
             )
 
 

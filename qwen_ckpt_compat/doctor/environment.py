@@ -18,14 +18,9 @@ from typing import Any, Callable, Iterator, Optional
 
 from packaging.version import Version
 
-from ..loading import (
-    STREAM_PACKAGE,
-    import_hook_disabled_by_env,
-    is_remote_code_loading_enabled,
-    stream_generator_incompatibility,
-    stream_generator_problem,
-)
-from ..versions import capabilities
+from .._loading import import_hook_disabled_by_env, is_remote_code_loading_enabled
+from .._repairs.streaming import STREAM_PACKAGE, stream_generator_incompatibility, stream_generator_problem
+from .._versions import capabilities
 from .report import Problem
 
 __all__ = ["Runtime", "import_hook_enabled", "installed_versions", "stream_generator_status"]

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..loading import is_qwen_style_module
-from ..static_analysis import ClassFacts, RemoteCode, RemoteCodeError, auto_map_references
+from .._family_registry import family_for_config
+from .._remote_code import ClassFacts, RemoteCode, RemoteCodeError, auto_map_references
+from .._repairs.streaming import is_qwen_style_module
 from .environment import Runtime, one_line, quiet
 from .report import DoctorInputError
 
@@ -161,11 +162,10 @@ def read_model(directory: Path) -> ModelFiles:
 
 
 def family_of(model: ModelFiles) -> Optional[str]:
-    # From the files alone: the families registry (qwen_ckpt_compat/families/) asks the loaded classes, which the
-    # doctor never imports. The family is the model type, with Qwen-VL told apart by its `visual` config.
-    if model.model_type == "qwen" and isinstance(model.config.get("visual"), dict):
-        return "qwen-vl"
-    return model.model_type
+    """The registered family's name, from the files alone (the doctor never imports the model's classes); the
+    model type for a family the registry does not know."""
+    family = family_for_config(model.config)
+    return family.name if family is not None else model.model_type
 
 
 def class_constant(klass: Optional[ClassFacts], attribute: str) -> Any:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Optional, TextIO
 
 from .._version import __version__
-from ..loading import _NO_IMPORT_HOOK_ENV, STREAM_PACKAGE
+from .._loading import NO_IMPORT_HOOK_ENV
+from .._repairs.streaming import STREAM_PACKAGE
 
 __all__ = [
     "FIXED_BY",
@@ -60,7 +61,7 @@ PROBLEM_IDS = frozenset(
         "checkpointing-enabled-on-load",
         "load-raises-enable-typeerror",
         "import-hook-disabled",
-        # measured family facts (family_facts.py)
+        # measured family facts (each family module's doctor_facts)
         "internlm-nan-loss",
         "qwen-vl-vision-tower",
     }
@@ -214,7 +215,7 @@ def render_text(report: Report, colour: bool = False) -> str:
             detail = detail[len(STREAM_PACKAGE) + 1 :]
         lines += _wrap(f"{STREAM_PACKAGE}: {stream['status']}" + (f" ({detail})" if detail else ""), "  ", "    ")
         if not report.environment["import_hook_enabled"]:
-            lines.append(f"  import hook: off ({_NO_IMPORT_HOOK_ENV} is set)")
+            lines.append(f"  import hook: off ({NO_IMPORT_HOOK_ENV} is set)")
     model = report.model
     if model is not None:
         where = f"  {report.path}" + (" (from the Hub cache)" if report.source == "hub-cache" else "")

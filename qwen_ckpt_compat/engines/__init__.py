@@ -21,6 +21,9 @@ Each engine has a module of its own (:mod:`.torch_parallel`, :mod:`.fsdp`, :mod:
 its objects with ``isinstance`` against the engine's own classes, looked up only in modules that are already
 imported (an object cannot be an instance of a class that was never imported), or by the attributes the
 engine's public API documents. Nothing here imports an engine.
+
+This wing plugs into the core through :class:`qwen_ckpt_compat._hooks.EngineHooks`: the core asks its five
+questions there and never imports this package.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from .. import _hooks
 from . import bitsandbytes, deepspeed, fsdp, torch_parallel
 
 __all__ = [
@@ -77,3 +81,25 @@ def outer_checkpointed_blocks(root: torch.nn.Module) -> Iterator[torch.nn.Module
 def non_reentrant_keeps_activations(model: torch.nn.Module) -> bool:
     """Whether layers of ``model`` keep their inputs outside torch's saved-tensor hooks (bitsandbytes 8-bit)."""
     return bitsandbytes.has_int8_layers(model)
+
+
+class _Engines(_hooks.EngineHooks):
+    """The core's questions about engines, answered by this wing."""
+
+    def unwrap(self, obj: Any) -> Any:
+        return unwrap_engines(obj)
+
+    def own_class(self, cls: type) -> type:
+        return own_class(cls)
+
+    def checkpoints_inside_hooks(self, module: Any) -> bool:
+        return checkpoints_inside_hooks(module)
+
+    def outer_checkpointed_blocks(self, root: Any) -> Iterator[Any]:
+        return outer_checkpointed_blocks(root)
+
+    def non_reentrant_keeps_activations(self, model: Any) -> bool:
+        return non_reentrant_keeps_activations(model)
+
+
+_hooks.set_engine_hooks(_Engines())

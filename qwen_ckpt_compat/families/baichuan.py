@@ -19,13 +19,15 @@ enable call made by ``post_init`` with nobody asking warns once, saying how to t
 
 from __future__ import annotations
 
-from . import Family
+from .._family_registry import Family
 
 FAMILY = Family(
     name="baichuan",
     title="Baichuan2-7B, Baichuan2-13B (Base and Chat)",
     model_types=("baichuan",),
     checkpointed="each decoder layer (BaichuanLayer / DecoderLayer)",
+    lora_targets=("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    fixtures=("baichuan", "baichuan_7b"),
     caveats=(
         "Load it after `import qwen_ckpt_compat` on 5.x: Baichuan2-7B's rotary tables are recomputed after loading.",
         "Every load turns checkpointing on (its config's `gradient_checkpointing` is a truthy tuple); the library "

@@ -16,13 +16,15 @@ Repairs (generic, detected, in :mod:`qwen_ckpt_compat.removed_apis`): the config
 
 from __future__ import annotations
 
-from . import Family
+from .._family_registry import Family
 
 FAMILY = Family(
     name="chatglm",
     title="ChatGLM2-6B, ChatGLM3-6B",
     model_types=("chatglm",),
     checkpointed="each GLMBlock (sequence-first hidden states, called positionally by GLMTransformer)",
+    lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+    fixtures=("chatglm",),
     caveats=(
         "On transformers 5.x the config answers `max_length` and the other generation defaults of "
         "`PretrainedConfig` before 5.0 (never saved to config.json), and `use_cache` from config.json is kept.",

@@ -15,15 +15,32 @@ the meta device and then gives each non-persistent buffer, which no checkpoint h
 
 from __future__ import annotations
 
-from . import Family
+from packaging.version import Version
+
+from .._family_registry import Family, FamilyFact
 
 FAMILY = Family(
     name="internlm",
     title="InternLM v1 (internlm-7b, internlm-chat-7b, internlm-20b)",
     model_types=("internlm",),
     checkpointed="each InternLMDecoderLayer",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    fixtures=("internlm",),
     caveats=(
         "Load it after `import qwen_ckpt_compat` on transformers 5.x: the rotary tables are recomputed after "
         "loading; a model loaded before the import keeps the uninitialised ones (NaN loss).",
+    ),
+    doctor_facts=(
+        FamilyFact(
+            "internlm-nan-loss",
+            lambda caps: caps.transformers >= Version("5.0"),
+            "InternLM v1 gives loss = nan on transformers 5.x without the library, even in a plain forward: 5.x "
+            "builds the model on the meta device and leaves its rotary tables (non-persistent buffers computed in "
+            "InternLMRotaryEmbedding.__init__) as uninitialised memory; the import recomputes them after loading",
+            "Fixed by `import qwen_ckpt_compat` before `from_pretrained(..., trust_remote_code=True)` (a model "
+            "loaded before the import keeps the uninitialised tables).",
+            False,
+            "import",
+        ),
     ),
 )

@@ -7,30 +7,25 @@ the owner checkpoints them through a ``create_custom_forward`` closure. ``modeli
 demands and which no longer imports on transformers >= 4.57. 5.x removed ``get_head_mask``, which its forward
 calls (:mod:`qwen_ckpt_compat.removed_apis`).
 
-Its own repair: ``chat_stream()`` raises :class:`~qwen_ckpt_compat.StreamingUnavailableError` while streaming
-cannot work (:func:`qwen_ckpt_compat.loading.wrap_chat_stream`).
+Nothing of its own: the repairs it needs are detected on its code (the lazily imported streaming package makes
+``chat_stream()`` raise :class:`~qwen_ckpt_compat.StreamingUnavailableError` while streaming cannot work, for
+Qwen-VL's code too).
 """
 
 from __future__ import annotations
 
-from . import Family
-
-
-def prepare_qwen_class(cls: type) -> list:
-    """A Qwen-style ``chat_stream()`` says why it cannot stream (Qwen-VL's too)."""
-    from ..loading import wrap_chat_stream
-
-    return wrap_chat_stream(cls)
-
+from .._family_registry import Family
 
 FAMILY = Family(
     name="qwen",
     title="Qwen v1 (Qwen-7B, Qwen-14B, Qwen-72B and their -Chat models)",
     model_types=("qwen",),
     checkpointed="each QWenBlock, through the requested checkpoint function",
+    # `c_proj` matches both the attention's and the MLP's output projection.
+    lora_targets=("c_attn", "c_proj", "w1", "w2"),
+    fixtures=("qwen",),
     caveats=(
         "`chat_stream()` needs transformers_stream_generator, which works up to transformers 4.40 only; "
         "elsewhere it raises StreamingUnavailableError (use `chat()` or a TextIteratorStreamer).",
     ),
-    prepare_class=prepare_qwen_class,
 )

@@ -24,8 +24,10 @@ What is checkpointed, and why:
 
 from __future__ import annotations
 
-from . import Family, module_of
-from .qwen import prepare_qwen_class
+import sys
+from typing import Mapping
+
+from .._family_registry import Family, FamilyFact
 
 #: LoRA targets of the language model alone (``attn.c_proj`` rather than ``c_proj``, which would also match the
 #: MLPs of the vision transformer's blocks).
@@ -33,15 +35,22 @@ TARGET_MODULES = ("c_attn", "attn.c_proj", "w1", "w2")
 
 
 def _has_vision_tower(cls: type) -> bool:
-    module = module_of(cls)
+    module = sys.modules.get(getattr(cls, "__module__", ""))
     return module is not None and isinstance(getattr(module, "VisionTransformer", None), type)
+
+
+def _config_has_vision_tower(config: Mapping) -> bool:
+    return isinstance(config.get("visual"), dict)
 
 
 FAMILY = Family(
     name="qwen_vl",
     title="Qwen-VL, Qwen-VL-Chat",
     model_types=("qwen",),
+    lora_targets=TARGET_MODULES,
+    fixtures=("qwen_vl",),
     identify=_has_vision_tower,
+    identify_config=_config_has_vision_tower,
     checkpointed=(
         "each QWenBlock; each VisualAttentionBlock of the vision transformer too, when a gradient flows through "
         "it (a frozen tower holds no activations, so it runs once)"
@@ -52,5 +61,16 @@ FAMILY = Family(
         "Its remote `visual.py` needs requests, Pillow and torchvision at import time.",
     ),
     extra_blocks=("VisualAttentionBlock",),
-    prepare_class=prepare_qwen_class,
+    doctor_facts=(
+        FamilyFact(
+            "qwen-vl-vision-tower",
+            lambda caps: True,
+            "Qwen-VL: the vision transformer's blocks are not in _no_split_modules and the remote code never "
+            "checkpoints them; the library checkpoints them when a gradient flows through them (a frozen tower keeps "
+            "no activations, so it runs once)",
+            "Use LoRA targets of the language model (c_attn, attn.c_proj, w1, w2): c_proj alone also matches the "
+            "vision transformer's MLPs.",
+            False,
+        ),
+    ),
 )

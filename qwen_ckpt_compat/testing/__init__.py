@@ -38,6 +38,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Tuple, Union
 if TYPE_CHECKING:
     import torch
 
+from .._family_registry import families as registered_families
+from .._family_registry import family_named
 from .watch import CheckpointWatch, watch_checkpointing
 
 __all__ = [
@@ -64,7 +66,7 @@ __all__ = [
     "watch_checkpointing",
 ]
 
-TARGET_MODULES: Tuple[str, ...] = ("c_attn", "c_proj", "w1", "w2")
+TARGET_MODULES: Tuple[str, ...] = family_named("qwen").lora_targets
 """The LoRA target modules Qwen v1 users pass to peft (``c_proj`` matches both attention and MLP)."""
 
 REMOTE_CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_v1"
@@ -291,18 +293,16 @@ class TinyFamily:
         name (`str`): the fixture's name (the family's, or the family's and a layout: ``"baichuan_7b"``).
         write (`Callable`): ``write(path, **config_overrides)`` writes the model directory.
         load (`Callable`): ``load(path, **from_pretrained_kwargs)`` loads it as users do.
-        target_modules (`tuple[str, ...]`): LoRA targets users of that family pass to peft.
         block (`str`): class name of its decoder blocks.
         final_norm (`str`): name of the module the last block's output goes through.
         vocab_size (`int`): ids of a test batch are drawn below it.
         packages (`tuple[str, ...]`): third-party packages its remote code imports when it loads.
-        family (`str`): the family's name in :mod:`qwen_ckpt_compat.families` (``name`` when empty).
+        family (`str`): the family's name in the family registry (``name`` when empty).
     """
 
     name: str
     write: Callable[..., Path]
     load: Callable[..., Any]
-    target_modules: Tuple[str, ...]
     block: str
     final_norm: str
     vocab_size: int = 256
@@ -313,30 +313,34 @@ class TinyFamily:
         if not self.family:
             object.__setattr__(self, "family", self.name)
 
+    @property
+    def target_modules(self) -> Tuple[str, ...]:
+        """The LoRA targets users of that family pass to peft (the family registry's)."""
+        return family_named(self.family).lora_targets
+
 
 def _families() -> Dict[str, TinyFamily]:
-    from . import _baichuan, _chatglm, _internlm, _qwen_vl
+    from . import _qwen_vl
 
-    families = (
-        TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, TARGET_MODULES, "QWenBlock", "transformer.ln_f"),
+    fixtures = (
+        TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, "QWenBlock", "transformer.ln_f"),
+        TinyFamily("chatglm", write_tiny_chatglm, load_tiny_chatglm, "GLMBlock", "transformer.encoder.final_layernorm"),
+        TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, "BaichuanLayer", "model.norm"),
         TinyFamily(
-            "chatglm", write_tiny_chatglm, load_tiny_chatglm, _chatglm.TARGET_MODULES, "GLMBlock",
-            "transformer.encoder.final_layernorm",
+            "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, "DecoderLayer", "model.norm", family="baichuan"
         ),
-        TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, _baichuan.TARGET_MODULES, "BaichuanLayer", "model.norm"),
+        TinyFamily("internlm", write_tiny_internlm, load_tiny_internlm, "InternLMDecoderLayer", "model.norm"),
         TinyFamily(
-            "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, _baichuan.TARGET_MODULES, "DecoderLayer",
-            "model.norm", family="baichuan",
-        ),
-        TinyFamily(
-            "internlm", write_tiny_internlm, load_tiny_internlm, _internlm.TARGET_MODULES, "InternLMDecoderLayer", "model.norm"
-        ),
-        TinyFamily(
-            "qwen_vl", write_tiny_qwen_vl, load_tiny_qwen_vl, _qwen_vl.TARGET_MODULES, "QWenBlock", "transformer.ln_f",
+            "qwen_vl", write_tiny_qwen_vl, load_tiny_qwen_vl, "QWenBlock", "transformer.ln_f",
             vocab_size=300, packages=_qwen_vl.VISION_PACKAGES,
         ),
     )
-    return {family.name: family for family in families}
+    by_name = {fixture.name: fixture for fixture in fixtures}
+    # Every fixture a registered family names exists, and every fixture belongs to a registered family.
+    named = {name for family in registered_families() for name in family.fixtures}
+    if named != set(by_name):
+        raise RuntimeError(f"fixtures {sorted(by_name)} and the family registry's {sorted(named)} differ")
+    return by_name
 
 
 TINY_FAMILIES: Dict[str, TinyFamily] = _families()

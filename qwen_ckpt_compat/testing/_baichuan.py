@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from .._family_registry import family_named
 from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_tensors, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "baichuan2"
@@ -15,7 +16,7 @@ CODE_FILES_7B: Tuple[str, ...] = (
     "configuration_baichuan.py",
     str(Path(__file__).resolve().parent / "baichuan2_7b" / "modeling_baichuan.py"),
 )
-TARGET_MODULES: Tuple[str, ...] = ("W_pack", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES: Tuple[str, ...] = family_named("baichuan").lora_targets
 """The LoRA targets Baichuan2 users pass to peft."""
 
 

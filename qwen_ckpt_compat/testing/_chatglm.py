@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from .._family_registry import family_named
 from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "chatglm"
 CODE_FILES: Tuple[str, ...] = ("configuration_chatglm.py", "modeling_chatglm.py")
-TARGET_MODULES: Tuple[str, ...] = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+TARGET_MODULES: Tuple[str, ...] = family_named("chatglm").lora_targets
 """The LoRA targets ChatGLM users pass to peft (``dense`` also matches ``dense_h_to_4h``/``dense_4h_to_h``)."""
 
 

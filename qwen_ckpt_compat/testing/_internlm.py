@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from .._family_registry import family_named
 from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_tensors, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "internlm"
 CODE_FILES: Tuple[str, ...] = ("configuration_internlm.py", "modeling_internlm.py")
-TARGET_MODULES: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES: Tuple[str, ...] = family_named("internlm").lora_targets
 """The LoRA targets InternLM users pass to peft."""
 
 

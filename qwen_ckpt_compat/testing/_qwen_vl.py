@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
+from .._family_registry import family_named
 from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_vl"
@@ -17,7 +18,7 @@ CODE_FILES: Tuple[str, ...] = (
     str(_QWEN_V1_DIR / "qwen_generation_utils.py"),
     "visual.py",
 )
-TARGET_MODULES: Tuple[str, ...] = ("c_attn", "attn.c_proj", "w1", "w2")
+TARGET_MODULES: Tuple[str, ...] = family_named("qwen_vl").lora_targets
 """LoRA targets of the language model alone (``c_proj`` would also match the vision transformer's MLPs)."""
 VISION_TARGET_MODULES: Tuple[str, ...] = ("in_proj", "out_proj", "c_fc")
 """Targets inside the vision transformer's blocks, for tests that train the vision tower too."""

@@ -77,7 +77,7 @@ def watch_checkpointing(model: Any) -> Iterator[CheckpointWatch]:
     """
     import torch.utils.checkpoint
 
-    from ..detection import decoder_block_names, is_decoder_block, unwrap_model
+    from .._detection import decoder_block_names, is_decoder_block, unwrap_model
 
     root = unwrap_model(model)
     names = set(decoder_block_names(root))

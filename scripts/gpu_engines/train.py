@@ -47,7 +47,7 @@ from qwen_ckpt_compat import (  # noqa: E402
     patch,
     prepare_for_lora,
 )
-from qwen_ckpt_compat.detection import is_decoder_block  # noqa: E402
+from qwen_ckpt_compat._detection import is_decoder_block  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "w1", "w2"]
 NON_REENTRANT = {"use_reentrant": False}

@@ -15,7 +15,7 @@ import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator, TextIO
 
-from .versions import capabilities
+from ._versions import capabilities
 
 __all__ = ["run_demo"]
 
@@ -67,7 +67,7 @@ def _enable_call(model: Any, kwargs: dict) -> Callable[[], None]:
 
 
 def _try_without_library(path: Any, lora_first: bool, out: TextIO) -> None:
-    from .loading import remote_code_loading_disabled
+    from ._loading import remote_code_loading_disabled
     from .testing import load_tiny_qwen
 
     try:

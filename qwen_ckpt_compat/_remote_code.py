@@ -10,12 +10,18 @@ Nothing here imports or executes the remote code, and nothing imports torch or t
 * the sibling files pulled in by relative imports (``from .configuration_qwen import QWenConfig``), which
   transformers copies and loads with the file.
 
-The doctor (:mod:`qwen_ckpt_compat.doctor`) asks the installed transformers about what it finds here.
+The doctor (:mod:`qwen_ckpt_compat.doctor`) asks the installed transformers about what it finds here; the import
+hook asks :func:`lazily_imported_packages` whether a file imports a package only inside function bodies (Qwen v1's
+streaming package). This is the one reader of remote code in the library. Parsing holds a lock: CPython's parser
+is not safe to run from two threads at once (seen: ``SystemError: AST constructor recursion depth mismatch``).
 """
 
 from __future__ import annotations
 
 import ast
+import functools
+import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
@@ -28,11 +34,39 @@ __all__ = [
     "RemoteCode",
     "RemoteCodeError",
     "auto_map_references",
+    "lazily_imported_packages",
+    "parse",
 ]
 
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 _OWN = ("self", "self.__class__", "cls")
 _TRY = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))
+_PARSING = threading.Lock()
+
+
+def parse(source: str, filename: str) -> ast.Module:
+    """``ast.parse``, one thread at a time."""
+    with _PARSING:
+        return ast.parse(source, filename=filename)
+
+
+def lazily_imported_packages(filename: Optional[str]) -> frozenset:
+    """Top-level packages a ``.py`` file imports inside function bodies and nowhere at module level.
+
+    Read once per file and modification time; an unreadable or missing file imports nothing.
+    """
+    if not filename or not filename.endswith(".py") or not os.path.isfile(filename):
+        return frozenset()
+    return _lazily_imported(filename, os.path.getmtime(filename))
+
+
+@functools.lru_cache(maxsize=256)
+def _lazily_imported(filename: str, mtime: float) -> frozenset:
+    path = Path(filename)
+    facts = _read_module(path.stem, path, parse(path.read_text(encoding="utf-8"), filename))
+    inside = {item.package for item in facts.imports if item.lazy and item.package}
+    outside = {item.package for item in facts.imports if not item.lazy and item.package}
+    return frozenset(inside - outside)
 
 
 class RemoteCodeError(Exception):
@@ -213,7 +247,7 @@ class RemoteCode:
         except (OSError, UnicodeDecodeError) as error:
             raise RemoteCodeError(path, f"cannot be read ({type(error).__name__}: {error})") from None
         try:
-            tree = ast.parse(source, filename=str(path))
+            tree = parse(source, filename=str(path))
         except SyntaxError as error:
             where = f"line {error.lineno}" + (f", column {error.offset}" if error.offset else "")
             raise RemoteCodeError(path, f"is not valid Python ({where}: {error.msg})") from None

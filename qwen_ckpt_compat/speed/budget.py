@@ -44,8 +44,11 @@ from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Unio
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import routing
-from .errors import CompatWarning
+from .._checkpoint_layer import FLAG, FUNC
+from .._detection import unwrap_model
+from .._model_state import state_of
+from .._settings import CheckpointSettings, build_checkpoint_function, without_context_fn
+from ..errors import CompatWarning
 from .selective import keeps_output, stays_on_device
 
 __all__ = [
@@ -448,7 +451,7 @@ class BudgetPlanner:
     """Plans and applies per-block checkpointing for one model (attached by :func:`attach`)."""
 
     blocks: list
-    settings: routing.CheckpointSettings
+    settings: CheckpointSettings
     plans: list = field(default_factory=list)  # MemoryPlan, newest last
     current: Optional[MemoryPlan] = None
     measuring: Optional[_Measuring] = None
@@ -459,9 +462,9 @@ class BudgetPlanner:
     def budget(self) -> int:
         return int(self.settings.memory_budget or 0)
 
-    def same_request(self, settings: routing.CheckpointSettings, blocks: list) -> bool:
-        def plain(s: routing.CheckpointSettings) -> tuple:
-            kwargs = routing.without_context_fn(s.kwargs)
+    def same_request(self, settings: CheckpointSettings, blocks: list) -> bool:
+        def plain(s: CheckpointSettings) -> tuple:
+            kwargs = without_context_fn(s.kwargs)
             return s.memory_budget, s.selective, sorted(kwargs.items()), s.kwargs is None
         return plain(settings) == plain(self.settings) and [id(b) for b in blocks] == [id(b) for b in self.blocks]
 
@@ -470,17 +473,17 @@ class BudgetPlanner:
     def _function(self, selective: bool, offload: bool) -> Callable[..., Any]:
         if self.settings.kwargs is None:  # a caller's own function: used as given
             return self.settings.function
-        kwargs = routing.without_context_fn(self.settings.kwargs)
+        kwargs = without_context_fn(self.settings.kwargs)
         if selective:
             kwargs["context_fn"] = self.settings.kwargs["context_fn"]
-        return routing.build_checkpoint_function(kwargs, offload)
+        return build_checkpoint_function(kwargs, offload)
 
     def apply(self, decisions: tuple, offload: bool) -> None:
         functions = {d: self._function(d == SELECTIVE, offload) for d in set(decisions) if d != KEEP}
         for block, decision in zip(self.blocks, decisions):
-            block.__dict__[routing.FLAG] = decision != KEEP
+            block.__dict__[FLAG] = decision != KEEP
             if decision != KEEP:
-                block.__dict__[routing.FUNC] = functions[decision]
+                block.__dict__[FUNC] = functions[decision]
 
     def _floor(self) -> tuple[str, ...]:
         return (CHECKPOINT,) * len(self.blocks)
@@ -620,20 +623,28 @@ class BudgetPlanner:
 # ------------------------------------------------------------------------------------------- per model
 
 
-def attach(model: torch.nn.Module, blocks: list, settings: routing.CheckpointSettings) -> BudgetPlanner:
+def attach(model: torch.nn.Module, blocks: list, settings: CheckpointSettings) -> BudgetPlanner:
     """Gives ``model`` a planner for ``settings.memory_budget`` (keeping its plans when the request is unchanged)."""
-    planner = model.__dict__.get(routing.BUDGET)
+    state = state_of(model)
+    planner = state.planner
     if not isinstance(planner, BudgetPlanner) or not planner.same_request(settings, blocks):
-        planner = BudgetPlanner(list(blocks), settings)
-        model.__dict__[routing.BUDGET] = planner
+        planner = state.planner = BudgetPlanner(list(blocks), settings)
     planner.settings = settings
     for index, block in enumerate(blocks):
-        if index == 0:
-            block.__dict__[routing.PLANNER] = planner
-        else:
-            block.__dict__.pop(routing.PLANNER, None)
+        state_of(block).before_blocks = planner.before_first_block if index == 0 else None
     planner.restore()
     return planner
+
+
+def detach(model: torch.nn.Module, blocks: list, forget: bool) -> None:
+    """Stops planning ``blocks``; ``forget`` drops the model's plans too (else a re-enable keeps them)."""
+    for block in blocks:
+        state = state_of(block, create=False)
+        if state is not None:
+            state.before_blocks = None
+    state = state_of(model, create=False)
+    if forget and state is not None:
+        state.planner = None
 
 
 def memory_plan(model: Any) -> Optional[MemoryPlan]:
@@ -642,9 +653,8 @@ def memory_plan(model: Any) -> Optional[MemoryPlan]:
     ``None`` before the first plan: without a ``memory_budget``, or while the first training step of a shape is
     being measured. ``print(memory_plan(model))`` shows the per-block decisions and the predicted peak.
     """
-    from .detection import unwrap_model
-
-    planner = unwrap_model(model).__dict__.get(routing.BUDGET)
+    state = state_of(unwrap_model(model), create=False)
+    planner = state.planner if state is not None else None
     return planner.current if isinstance(planner, BudgetPlanner) else None
 
 

@@ -7,19 +7,20 @@ the old ``_set_gradient_checkpointing(self, module, value=False)`` form depends 
 from __future__ import annotations
 
 import inspect
+import sys
 import types
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import torch
-
-from .engines import own_class, unwrap_engines
-from .engines._imported import loaded_class
+from ._hooks import engine_hooks
 from .errors import UnsupportedModelError
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
-    "ModelInfo",
-    "describe",
+    "is_peft_model",
+    "own_class",
+    "unwrap_engines",
     "find_checkpointing_class",
     "is_old_checkpointing_api",
     "is_decoder_block",
@@ -31,16 +32,27 @@ REMOTE_MODULE_PREFIX = "transformers_modules."
 _SET_GC = "_set_gradient_checkpointing"
 
 
+def unwrap_engines(obj: Any) -> Any:
+    """Strips every training engine's wrapper around ``obj`` (asked of the engines wing)."""
+    return engine_hooks().unwrap(obj)
+
+
+def own_class(model_or_class: Any) -> type:
+    """The class the model's code defined, under any class an engine swapped in (FSDP2)."""
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    return engine_hooks().own_class(cls)
+
+
 def _is_pretrained_model(obj: Any) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(obj, PreTrainedModel)
 
 
-def _is_peft_model(obj: Any) -> bool:
+def is_peft_model(obj: Any) -> bool:
     # Asked of peft's own class, and only when peft is imported: an object cannot be a PeftModel otherwise.
     # (FSDP2 swaps a sharded PeftModel's class for `FSDPPeftModel`, a subclass, so isinstance still holds.)
-    peft_model = loaded_class("peft", "PeftModel")
+    peft_model = getattr(sys.modules.get("peft"), "PeftModel", None)
     return peft_model is not None and isinstance(obj, peft_model)
 
 
@@ -58,7 +70,7 @@ def unwrap_model(model: Any) -> Any:
         `UnsupportedModelError` (a `TypeError`): for anything else, naming what was passed.
     """
     inner = unwrap_engines(model)
-    if _is_peft_model(inner):
+    if is_peft_model(inner):
         inner = unwrap_engines(inner.get_base_model())
     if not _is_pretrained_model(inner):
         what = "None" if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
@@ -159,52 +171,3 @@ def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["
         else:
             module.__dict__.pop("gradient_checkpointing", None)
     return owners
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """A description of a model, as far as checkpointing is concerned.
-
-    Attributes:
-        model_class (`str`): qualified name of the transformers model class.
-        module (`str`): the module the class comes from (``transformers_modules.*`` for remote code).
-        family (`str`, *optional*): ``config.model_type`` (``"qwen"`` for Qwen v1).
-        is_remote_code (`bool`): the class was loaded with ``trust_remote_code=True``.
-        is_peft_model (`bool`): a peft model was passed; the rest describes the model inside it.
-        old_checkpointing_api (`bool`): the old ``_set_gradient_checkpointing(module, value)`` form is used.
-        checkpointing_class (`str`, *optional*): the class that defines that old method.
-        decoder_blocks (`tuple[str, ...]`): class names of the decoder blocks (from ``_no_split_modules``).
-        num_decoder_blocks (`int`): how many decoder blocks the model has.
-        supports_gradient_checkpointing (`bool`): the model's own ``supports_gradient_checkpointing``.
-    """
-
-    model_class: str
-    module: str
-    family: Optional[str]
-    is_remote_code: bool
-    is_peft_model: bool
-    old_checkpointing_api: bool
-    checkpointing_class: Optional[str]
-    decoder_blocks: tuple[str, ...]
-    num_decoder_blocks: int
-    supports_gradient_checkpointing: bool
-
-
-def describe(model: Any) -> ModelInfo:
-    """Describes ``model`` (a ``PreTrainedModel`` or a peft model around one); see :class:`ModelInfo`."""
-    inner = unwrap_model(model)
-    cls = own_class(inner)
-    checkpointing_class = find_checkpointing_class(cls)
-    blocks = decoder_block_names(inner)
-    return ModelInfo(
-        model_class=cls.__qualname__,
-        module=cls.__module__,
-        family=getattr(getattr(inner, "config", None), "model_type", None),
-        is_remote_code=is_remote_code(cls),
-        is_peft_model=_is_peft_model(unwrap_engines(model)),
-        old_checkpointing_api=checkpointing_class is not None,
-        checkpointing_class=checkpointing_class.__qualname__ if checkpointing_class else None,
-        decoder_blocks=blocks,
-        num_decoder_blocks=sum(is_decoder_block(m, blocks) for m in inner.modules()),
-        supports_gradient_checkpointing=bool(getattr(inner, "supports_gradient_checkpointing", False)),
-    )

@@ -19,6 +19,8 @@ from typing import Optional
 
 from packaging.version import Version
 
+from .errors import UnsupportedTorchError
+
 __all__ = [
     "CHECKPOINT_KEYWORD_RELEASES",
     "Capabilities",
@@ -184,8 +186,6 @@ def require_checkpoint_keywords(keywords: Iterable[str]) -> None:
     missing = [k for k in keywords if k in CHECKPOINT_KEYWORD_RELEASES and k not in checkpoint_keywords()]
     if not missing:
         return
-    from .errors import UnsupportedTorchError
-
     needed = max((CHECKPOINT_KEYWORD_RELEASES[k] for k in missing), key=Version)
     raise UnsupportedTorchError(
         f"torch {installed_version('torch')}'s torch.utils.checkpoint.checkpoint does not take "

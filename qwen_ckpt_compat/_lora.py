@@ -5,26 +5,31 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
-from .detection import is_old_checkpointing_api, unwrap_model
-from .errors import CheckpointingNotSupportedError, CompatWarning
-from .patching import (
-    DEFAULT_CHECKPOINT_KWARGS,
-    CheckpointRequest,
+from ._class_patch import (
     checkpoint_settings,
     checkpointing_defaults,
     disable_routed_checkpointing,
     enable_routed_checkpointing,
     is_patched,
-    patch,
     set_checkpointing_defaults,
     set_fused_attention,
 )
-from .routing import has_live_input_grads_hook, reentrancy_of, without_context_fn
-from .versions import capabilities, require_checkpoint_keywords
+from ._detection import is_old_checkpointing_api, unwrap_model
+from ._hooks import speed_hooks
+from ._input_grads import has_live_input_grads_hook
+from ._preparation import patch
+from ._settings import (
+    DEFAULT_CHECKPOINT_KWARGS,
+    CheckpointRequest,
+    reentrancy_of,
+    validate_bool,
+    validate_checkpoint_kwargs,
+    without_context_fn,
+)
+from ._versions import capabilities
 
 __all__ = ["prepare_for_lora"]
 
@@ -114,6 +119,7 @@ def prepare_for_lora(
     ```
     """
     root = unwrap_model(model)
+    validate_bool("use_gradient_checkpointing", use_gradient_checkpointing)
     request = _validated_request(gradient_checkpointing_kwargs, every_n_layers, offload)
     request = _with_speed_options(root, request, memory_budget, selective, fused_attention)
     if use_gradient_checkpointing and not getattr(root, "supports_gradient_checkpointing", False):
@@ -162,50 +168,34 @@ def prepare_for_lora(
     return model
 
 
-def _validated_request(kwargs: Optional[Mapping[str, Any]], every_n_layers: int, offload: bool) -> CheckpointRequest:
-    if kwargs is not None and not isinstance(kwargs, Mapping):
-        raise TypeError(f"gradient_checkpointing_kwargs must be a dict or None, got {type(kwargs).__name__}: {kwargs!r:.60}")
-    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-        raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
-    if not isinstance(offload, bool):
-        raise TypeError(f"offload must be a bool, got {type(offload).__name__}: {offload!r:.60}")
-    require_checkpoint_keywords(kwargs or {})  # e.g. context_fn on torch 2.0: refused now, not mid-training
+def _validated_request(kwargs: Any, every_n_layers: Any, offload: Any) -> CheckpointRequest:
     # A dict without `use_reentrant` expresses no preference on the mode: the patch picks it for an old remote-code
     # model, the library default applies to a native one. No dict at all is no preference whatsoever: resolved
     # against the model by prepare_for_lora.
-    return CheckpointRequest(
-        kwargs=None if kwargs is None else dict(kwargs),
-        every_n_layers=every_n_layers,
-        offload=offload,
-    )
+    kwargs = validate_checkpoint_kwargs(kwargs)
+    if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be a positive int, got {every_n_layers!r}")
+    return CheckpointRequest(kwargs=kwargs, every_n_layers=every_n_layers, offload=validate_bool("offload", offload))
 
 
 def _with_speed_options(
     root: Any, request: CheckpointRequest, memory_budget: Union[int, str, None], selective: bool, fused_attention: bool
 ) -> CheckpointRequest:
     """Validates ``memory_budget``, ``selective`` and ``fused_attention``; adds the first two to ``request``."""
-    from .budget import check_budget, parse_memory_budget
-    from .selective import require_selective_checkpointing
-
-    for name, value in (("selective", selective), ("fused_attention", fused_attention)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r:.60}")
-    budget = None
-    if memory_budget is not None:
-        budget = parse_memory_budget(memory_budget)
-        if request.every_n_layers != 1 or request.offload:
-            raise ValueError(
-                "memory_budget plans which blocks to checkpoint and whether to offload; leave every_n_layers and "
-                f"offload at their defaults (got every_n_layers={request.every_n_layers}, offload={request.offload})"
-            )
-        check_budget(root, budget)
-    if selective:
-        if request.kwargs and request.kwargs.get("use_reentrant"):
-            raise ValueError(
-                "selective recompute works with the non-reentrant checkpoint only; drop use_reentrant=True from "
-                "gradient_checkpointing_kwargs"
-            )
-        require_selective_checkpointing()
+    validate_bool("selective", selective)
+    validate_bool("fused_attention", fused_attention)
+    if memory_budget is not None and (request.every_n_layers != 1 or request.offload):
+        speed_hooks().validate(root, memory_budget, False)  # an unreadable budget is reported first
+        raise ValueError(
+            "memory_budget plans which blocks to checkpoint and whether to offload; leave every_n_layers and "
+            f"offload at their defaults (got every_n_layers={request.every_n_layers}, offload={request.offload})"
+        )
+    if selective and request.kwargs and request.kwargs.get("use_reentrant"):
+        raise ValueError(
+            "selective recompute works with the non-reentrant checkpoint only; drop use_reentrant=True from "
+            "gradient_checkpointing_kwargs"
+        )
+    budget = speed_hooks().validate(root, memory_budget, selective)
     return replace(request, memory_budget=budget, selective=selective or None)
 
 
@@ -230,9 +220,7 @@ def _native_request(root: Any, request: CheckpointRequest, fused_attention: bool
             stacklevel=3,
         )
     if request.selective:
-        from .selective import SelectiveRecompute
-
-        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": SelectiveRecompute()})
+        return replace(request, kwargs={**(request.kwargs or {}), "context_fn": speed_hooks().selective_context()})
     return request
 
 

@@ -18,7 +18,7 @@ Every other call (a padded batch, generation with a cache, ``output_attentions``
 path) runs the remote code unchanged. Nothing process-wide is touched: the rewrite lives in a
 ``TorchFunctionMode`` entered only around the forward of an opted-in attention module, and it rewrites only the
 SDPA call with that mask; the class-level ``__call__`` wrapper is installed and removed with the model's patch
-(:func:`qwen_ckpt_compat.patch` / :func:`~qwen_ckpt_compat.unpatch`).
+(:func:`qwen_ckpt_compat.patch` / :func:`~qwen_ckpt_compat.unpatch`), through the patch registry.
 
 The result is mathematically the same attention (masked scores get zero weight either way), but a different
 kernel computes it, so the numbers agree to rounding, not bit for bit: that is why this is an option, not the
@@ -35,12 +35,13 @@ from typing import Any, Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["ATTENTION_CLASS_NAMES", "attention_modules", "clear", "fused_attention_call", "set_fused_attention"]
+from .._model_state import state_of
+
+__all__ = ["ATTENTION_CLASS_NAMES", "attention_modules", "fused_attention_call", "set_fused_attention"]
 
 #: Remote attention classes whose SDPA mask is known (Qwen v1, Qwen-VL and Qwen-Audio share it).
 ATTENTION_CLASS_NAMES: tuple[str, ...] = ("QWenAttention",)
 
-FLAG = "_qcc_fused_attention"
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 # (shape, dtype, device) of the masks checked to hold the causal pattern, and the answer.
 _CHECKED_MASKS: dict = {}
@@ -61,16 +62,10 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[t
     for module in modules:
         if enabled:
             wrap(type(module), "__call__", fused_attention_call)
-            module.__dict__[FLAG] = True
-        else:
-            module.__dict__.pop(FLAG, None)
+        state = state_of(module, create=enabled)
+        if state is not None:
+            state.fused_attention = enabled
     return len(modules)
-
-
-def clear(model: torch.nn.Module) -> None:
-    """Removes this module's per-instance flag from every submodule of ``model``."""
-    for module in model.modules():
-        module.__dict__.pop(FLAG, None)
 
 
 # ------------------------------------------------------------------------------------------- the wrapper
@@ -78,7 +73,8 @@ def clear(model: torch.nn.Module) -> None:
 
 def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for the attention's ``__call__``: the causal SDPA rewrite, where it is exact."""
-    if not instance.__dict__.get(FLAG) or not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
+    state = state_of(instance, create=False)
+    if state is None or not state.fused_attention or not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
         return wrapped(*args, **kwargs)
     with _CausalAttention():
         return wrapped(*args, **kwargs)

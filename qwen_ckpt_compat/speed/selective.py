@@ -40,7 +40,7 @@ import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .errors import CompatWarning, UnsupportedTorchError
+from ..errors import CompatWarning, UnsupportedTorchError
 
 __all__ = [
     "ATTENTION_OP_NAMES",

@@ -1,0 +1,128 @@
+"""Where the wings plug into the core: the questions the core asks of training engines and of the speed options.
+
+The core (loading, detection, the class patch, the checkpoint layer, ``prepare_for_lora``) never imports a wing.
+It asks the two objects below, whose defaults describe a process with no wing plugged in (no engine wrappers, no
+speed options). A wing replaces one of them with an object of its own when it is imported:
+
+* :func:`engine_hooks` (an :class:`EngineHooks`), filled by :mod:`qwen_ckpt_compat.engines`: wrappers around a model,
+  classes swapped by an engine, input-casting hooks, an engine's own activation checkpointing, layers whose
+  activations non-reentrant checkpointing cannot free;
+* :func:`speed_hooks` (a :class:`SpeedHooks`), filled by :mod:`qwen_ckpt_compat.speed`: the memory budget, selective
+  recompute and the fused attention kernel.
+
+The families wing registers into :mod:`qwen_ckpt_compat._family_registry` instead.
+
+Which wings exist is said once, by the package ``__init__`` (:func:`plug`, with module names, so that importing
+the package stays cheap); :func:`load_wings` imports them the first time the core needs an answer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from typing import Any, Callable, Iterator, Optional
+
+__all__ = ["EngineHooks", "SpeedHooks", "engine_hooks", "load_wings", "plug", "set_engine_hooks", "set_speed_hooks", "speed_hooks"]
+
+_pending: list[str] = []
+_lock = threading.RLock()
+
+
+def plug(*modules: str) -> None:
+    """Names the wing modules to import before the core first asks a question (see :func:`load_wings`)."""
+    with _lock:
+        _pending.extend(name for name in modules if name not in _pending)
+
+
+def load_wings() -> None:
+    """Imports the wings named by :func:`plug` that are not imported yet (each registers itself on import)."""
+    if not _pending:
+        return
+    with _lock:
+        while _pending:
+            name = _pending.pop(0)
+            try:
+                importlib.import_module(name)
+            except BaseException:
+                _pending.insert(0, name)
+                raise
+
+
+class EngineHooks:
+    """What training engines do to a model; the defaults are those of a bare model (no engine)."""
+
+    def unwrap(self, obj: Any) -> Any:
+        """The module inside every engine wrapper around ``obj`` (DDP, FSDP1, DeepSpeed, ``torch.compile``)."""
+        return obj
+
+    def own_class(self, cls: type) -> type:
+        """The class the model's code defined, under a class an engine swapped in (FSDP2)."""
+        return cls
+
+    def checkpoints_inside_hooks(self, module: Any) -> bool:
+        """Whether ``module`` must checkpoint its ``forward`` inside its hooks (FSDP2 casts inputs there)."""
+        return False
+
+    def outer_checkpointed_blocks(self, root: Any) -> Iterator[Any]:
+        """The modules under ``root`` that an engine's own activation checkpointing already wraps."""
+        return iter(())
+
+    def non_reentrant_keeps_activations(self, model: Any) -> bool:
+        """Whether layers of ``model`` keep their inputs outside torch's saved-tensor hooks (bitsandbytes 8-bit)."""
+        return False
+
+
+class SpeedHooks:
+    """The speed options' part in the core's work; the defaults refuse every option (no speed wing)."""
+
+    def validate(self, model: Any, memory_budget: Any, selective: bool) -> Optional[int]:
+        """Checks ``memory_budget`` and ``selective`` for ``model``; returns the budget in bytes (or ``None``)."""
+        if memory_budget is not None or selective:
+            raise RuntimeError("memory_budget and selective need qwen_ckpt_compat.speed, which is not plugged in")
+        return None
+
+    def selective_context(self) -> Optional[Callable[..., Any]]:
+        """A fresh ``context_fn`` for selective recompute, or ``None`` where the installed torch cannot do it."""
+        return None
+
+    def selective_unavailable(self) -> str:
+        """Why :meth:`selective_context` gives nothing, for a warning."""
+        return "qwen_ckpt_compat.speed is not plugged in"
+
+    def attach_budget(self, model: Any, blocks: list, settings: Any) -> None:
+        """Plans the blocks of ``model`` for ``settings.memory_budget`` (it sets their flags and functions)."""
+
+    def detach_budget(self, model: Any, blocks: list, forget: bool) -> None:
+        """Stops planning ``blocks``; ``forget`` drops the plans too (else a re-enable keeps them)."""
+
+    def before_blocks(self, block: Any, run: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        """Called before the first decoder block of each training forward of a model with a budget."""
+
+    def set_fused_attention(self, model: Any, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
+        """Turns the fused attention kernel on or off; returns how many attention modules of a known kind exist."""
+        return 0
+
+
+_installed: dict = {"engines": EngineHooks(), "speed": SpeedHooks()}
+
+
+def engine_hooks() -> EngineHooks:
+    """The engine answers in effect (the engines wing's, once plugged in)."""
+    load_wings()
+    return _installed["engines"]
+
+
+def speed_hooks() -> SpeedHooks:
+    """The speed options in effect (the speed wing's, once plugged in)."""
+    load_wings()
+    return _installed["speed"]
+
+
+def set_engine_hooks(hooks: EngineHooks) -> None:
+    """Called by the engines wing when it is imported."""
+    _installed["engines"] = hooks
+
+
+def set_speed_hooks(hooks: SpeedHooks) -> None:
+    """Called by the speed wing when it is imported."""
+    _installed["speed"] = hooks

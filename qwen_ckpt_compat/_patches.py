@@ -1,0 +1,159 @@
+"""The one registry through which every patch of this library is installed, listed and undone.
+
+Three kinds of patch go through it, each in groups of their own:
+
+* the import hook's wrappers of transformers' dynamic-module loader (group ``("loading",)``);
+* the class patch of an old-API model class, with its checkpoint-layer and fused-attention wrappers
+  (group ``("checkpointing", cls)``);
+* the repairs of remote code for what transformers removed or changed (group ``("repairs", cls)``).
+
+Every install records the owner (a class or a module), the attribute, the raw value it replaced and a line that
+says what it is for, so that :func:`installed` answers "what is in effect" and :meth:`PatchRegistry.undo` puts
+back exactly the original objects. A check and its install happen under one lock: two threads loading remote
+code at once never wrap a function twice.
+
+Undo never removes another library's wrapper: where the attribute no longer holds what was installed (someone
+wrapped it since), the install is left in place, inert (its wrapper passes every call straight through), and
+stays listed as such.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Optional
+
+import wrapt
+
+__all__ = ["Install", "PatchRegistry", "installed", "registry"]
+
+_ABSENT = object()
+
+
+@dataclass(eq=False)
+class Install:
+    """One installed patch.
+
+    Attributes:
+        owner (`type` or module): what the attribute was set on.
+        name (`str`): the attribute.
+        original (`Any`): the raw attribute before (``owner.__dict__[name]``), or a marker when there was none.
+        value (`Any`): what was installed.
+        group (`Hashable`): what it belongs to, e.g. ``("checkpointing", cls)``.
+        what (`str`): one line for people (``describe``, the docs).
+        active (`bool`): ``False`` once undone but left in place under another library's wrapper.
+    """
+
+    owner: Any
+    name: str
+    original: Any
+    value: Any
+    group: Hashable
+    what: str
+    active: bool = True
+
+    def __str__(self) -> str:
+        owner = getattr(self.owner, "__qualname__", None) or getattr(self.owner, "__name__", repr(self.owner))
+        return f"{owner}.{self.name}: {self.what}" + ("" if self.active else " (inert: wrapped by another library)")
+
+
+def _guarded(wrapper: Callable, record: list) -> Callable:
+    """``wrapper``, passing calls straight through once its install is inert."""
+
+    def guarded(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        if not record[0].active:
+            return wrapped(*args, **kwargs)
+        return wrapper(wrapped, instance, args, kwargs)
+
+    guarded.__wrapped_wrapper__ = wrapper  # type: ignore[attr-defined]
+    return guarded
+
+
+@dataclass
+class PatchRegistry:
+    """Installs patches, remembers them by group, and undoes a group."""
+
+    _installs: list = field(default_factory=list)
+    _lock: Any = field(default_factory=threading.RLock)
+
+    def _find(self, owner: Any, name: str, group: Hashable, marker: Any) -> Optional[Install]:
+        for install in self._installs:
+            if install.active and install.owner is owner and install.name == name and install.group == group and install.what == marker:
+                return install
+        return None
+
+    def wrap(self, owner: Any, name: str, wrapper: Callable, *, group: Hashable, what: str) -> bool:
+        """Wraps ``owner.name`` (resolved through the MRO) with a wrapt wrapper function or a ``wrapt.decorator``.
+
+        Idempotent per ``(owner, name, group, what)``. Returns whether anything was installed now.
+        """
+        with self._lock:
+            if self._find(owner, name, group, what) is not None:
+                return False
+            original = vars(owner).get(name, _ABSENT)
+            holder: list = []
+            if isinstance(wrapper, wrapt.FunctionWrapper):  # a wrapt.decorator: it builds the wrapper itself
+                wrapt.wrap_object(owner, name, wrapper)
+            else:
+                wrapt.wrap_function_wrapper(owner, name, _guarded(wrapper, holder))
+            install = Install(owner, name, original, vars(owner)[name], group, what)
+            holder.append(install)
+            self._installs.append(install)
+            return True
+
+    def set(self, owner: Any, name: str, value: Any, *, group: Hashable, what: str) -> bool:
+        """Sets ``owner.name = value`` (a replacement of a removed API). Idempotent per ``(owner, name, group, what)``."""
+        with self._lock:
+            if self._find(owner, name, group, what) is not None:
+                return False
+            install = Install(owner, name, vars(owner).get(name, _ABSENT), value, group, what)
+            setattr(owner, name, value)
+            self._installs.append(install)
+            return True
+
+    def add_base(self, cls: type, base: type, *, group: Hashable, what: str) -> bool:
+        """Appends ``base`` to ``cls.__bases__``. Idempotent."""
+        with self._lock:
+            if base in cls.__bases__:
+                return False
+            install = Install(cls, "__bases__", cls.__bases__, (*cls.__bases__, base), group, what)
+            cls.__bases__ = install.value
+            self._installs.append(install)
+            return True
+
+    def has(self, owner: Any, name: str, group: Hashable) -> bool:
+        """Whether an install of ``group`` is in effect on ``owner.name``."""
+        with self._lock:
+            return any(i.owner is owner and i.name == name and i.group == group and i.active for i in self._installs)
+
+    def installed(self, group: Optional[Callable[[Hashable], bool]] = None) -> list:
+        """The installs in effect (those of the groups ``group`` accepts), in installation order."""
+        with self._lock:
+            return [i for i in self._installs if group is None or group(i.group)]
+
+    def undo(self, group: Hashable) -> list:
+        """Undoes every install of ``group``, newest first; returns those left in place (inert)."""
+        left = []
+        with self._lock:
+            for install in reversed([i for i in self._installs if i.group == group and i.active]):
+                if install.name != "__bases__" and vars(install.owner).get(install.name, _ABSENT) is not install.value:
+                    install.active = False  # wrapped again by someone else: theirs stays, ours passes through
+                    left.append(install)
+                    continue
+                self._installs.remove(install)
+                if install.name == "__bases__":
+                    install.owner.__bases__ = install.original
+                elif install.original is _ABSENT:
+                    delattr(install.owner, install.name)
+                else:
+                    setattr(install.owner, install.name, install.original)
+        return left
+
+
+#: The registry of this process.
+registry = PatchRegistry()
+
+
+def installed(group: Optional[Callable[[Hashable], bool]] = None) -> list:
+    """The installs in effect in this process (see :meth:`PatchRegistry.installed`)."""
+    return registry.installed(group)

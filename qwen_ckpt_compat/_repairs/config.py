@@ -1,0 +1,129 @@
+"""Config classes: the attributes ``PretrainedConfig`` carried before 5.0.
+
+* The generation defaults ``PretrainedConfig`` carried before 5.0 (``max_length=20``, ``num_beams=1``, ...):
+  ChatGLM2/3 reads ``config.max_length`` while the model is built. They are answered, where the config has no
+  such attribute, by a ``__getattr__`` on the remote config class, never stored on the instance, so that 5.x's
+  checks for generation parameters in a model config (``save_pretrained``, ``generate``) do not see them.
+* ``use_cache`` given to ``PretrainedConfig.__init__`` (from ``config.json``): 5.x drops it as a generation
+  parameter, so a config class that does not set it itself (ChatGLM2/3's) has none; it is kept, as before 5.0.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+from .._patches import registry
+from ._classes import INSTALLED_MARK, REPAIRS, is_transformers_class
+
+__all__ = ["PRE_5_CONFIG_DEFAULTS", "restore_config_attributes"]
+
+
+#: What ``PretrainedConfig.__init__`` gave every config before 5.0 (transformers 4.55.4's generation defaults),
+#: plus ``use_cache``, which config classes of that era received from ``config.json`` and GenerationConfig
+#: defaults to ``True``. Served only for names the installed ``PretrainedConfig`` no longer carries.
+PRE_5_CONFIG_DEFAULTS: dict[str, Any] = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "early_stopping": False,
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "typical_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "bad_words_ids": None,
+    "num_return_sequences": 1,
+    "output_scores": False,
+    "return_dict_in_generate": False,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "remove_invalid_values": False,
+    "exponential_decay_length_penalty": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "use_cache": True,
+}
+
+_KEPT_FROM_INIT = ("use_cache",)
+
+_MISSING = object()
+
+def _dropped_config_defaults() -> dict:
+    """The names of :data:`PRE_5_CONFIG_DEFAULTS` a fresh ``PretrainedConfig`` no longer has, with their values."""
+    from transformers import PretrainedConfig
+
+    fresh = PretrainedConfig()
+    return {name: value for name, value in PRE_5_CONFIG_DEFAULTS.items() if not hasattr(fresh, name)}
+
+def _is_remote_config_class(cls: type) -> bool:
+    from transformers import PretrainedConfig
+
+    return isinstance(cls, type) and issubclass(cls, PretrainedConfig) and not is_transformers_class(cls)
+
+def _served_name(config: Any, name: str) -> bool:
+    """``name`` is answered by the library's ``__getattr__`` (neither the instance nor its class has it)."""
+    return name not in vars(config) and inspect.getattr_static(type(config), name, _MISSING) is _MISSING
+
+def _make_config_getattr(served: dict, inherited: Optional[Callable]) -> Callable:
+    def __getattr__(self: Any, name: str) -> Any:
+        """Answers the attributes ``PretrainedConfig`` carried before 5.0 with their old defaults."""
+        if name in served:
+            return served[name]
+        if inherited is not None:
+            return inherited(self, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    __getattr__.__dict__[INSTALLED_MARK] = True
+    return __getattr__
+
+def _without_served_defaults(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """``_get_generation_parameters`` that does not count the old defaults answered by ``__getattr__``."""
+    found = wrapped(*args, **kwargs)
+    return {name: value for name, value in found.items() if not _served_name(instance, name)}
+
+def _keep_init_values(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """The remote config's ``__init__``: ``use_cache`` given to it stays on the config, as before 5.0."""
+    result = wrapped(*args, **kwargs)
+    for name in _KEPT_FROM_INIT:
+        if name in kwargs and name not in vars(instance):
+            setattr(instance, name, kwargs[name])
+    return result
+
+def restore_config_attributes(cls: type) -> list[str]:
+    """Gives a remote config class the attributes ``PretrainedConfig`` carried before 5.0 (see the module doc).
+
+    Detected: only the names a fresh ``PretrainedConfig`` of the installed transformers lacks are answered, and
+    only on remote config classes (never on transformers' own). Idempotent.
+
+    Args:
+        cls (`type`): a config class loaded from remote code.
+
+    Returns:
+        `list[str]`: what was installed now.
+    """
+    if not _is_remote_config_class(cls) or INSTALLED_MARK in getattr(cls.__dict__.get("__getattr__"), "__dict__", {}):
+        return []  # a transformers class, or done already
+    served = _dropped_config_defaults()
+    if not served:
+        return []  # this PretrainedConfig still carries every one of them
+    installed = []
+    inherited = getattr(cls, "__getattr__", None)
+    if registry.set(cls, "__getattr__", _make_config_getattr(served, inherited), group=REPAIRS, what="pre-5.0 defaults"):
+        installed.append(f"{cls.__qualname__}.__getattr__({', '.join(sorted(served))})")
+    what = "without the served defaults"
+    if hasattr(cls, "_get_generation_parameters") and registry.wrap(
+        cls, "_get_generation_parameters", _without_served_defaults, group=REPAIRS, what=what
+    ):
+        installed.append(f"{cls.__qualname__}._get_generation_parameters ({what})")
+    what = f"keeps {', '.join(_KEPT_FROM_INIT)}"
+    if "__init__" in cls.__dict__ and any(name in served for name in _KEPT_FROM_INIT):
+        if registry.wrap(cls, "__init__", _keep_init_values, group=REPAIRS, what=what):
+            installed.append(f"{cls.__qualname__}.__init__ ({what})")
+    return installed
