@@ -107,7 +107,7 @@ def __dir__() -> list[str]:
 
 
 # The wings, imported when the core first asks them something (qwen_ckpt_compat._hooks).
-plug(f"{__name__}.engines", f"{__name__}.speed", f"{__name__}.families")
+plug(engines=f"{__name__}.engines", speed=f"{__name__}.speed", families=f"{__name__}.families")
 
 # Prepares old remote code when transformers loads it, and lets Qwen-style code load on transformers >= 4.57
 # (qwen_ckpt_compat._loading; narrow, reversible, off with QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1). Cheap: it only

@@ -163,6 +163,7 @@ def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["
     for module in model.modules():
         had = "gradient_checkpointing" in module.__dict__
         before = module.__dict__.get("gradient_checkpointing")
+        module.__dict__["gradient_checkpointing"] = False  # a block flagged by the checkpoint layer is no owner
         original(model, module, value=True)
         if module.__dict__.get("gradient_checkpointing") is True:
             owners.append(module)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
 from ._detection import unwrap_model
-from ._hooks import load_wings
+from ._hooks import load_wing
 
 __all__ = ["Family", "FamilyFact", "families", "family_for_config", "family_named", "family_of", "register"]
 
@@ -93,7 +93,7 @@ def register(family: Family) -> None:
 
 def families() -> tuple:
     """Every registered :class:`Family`, most specific first."""
-    load_wings()
+    load_wing("families")
     return tuple(_registered)
 
 

@@ -13,7 +13,8 @@ speed options). A wing replaces one of them with an object of its own when it is
 The families wing registers into :mod:`qwen_ckpt_compat._family_registry` instead.
 
 Which wings exist is said once, by the package ``__init__`` (:func:`plug`, with module names, so that importing
-the package stays cheap); :func:`load_wings` imports them the first time the core needs an answer.
+the package stays cheap); :func:`load_wing` imports one the first time the core needs its answer (the doctor,
+which must work where torch is broken, reads the family registry without importing the torch-based wings).
 """
 
 from __future__ import annotations
@@ -22,30 +23,31 @@ import importlib
 import threading
 from typing import Any, Callable, Iterator, Optional
 
-__all__ = ["EngineHooks", "SpeedHooks", "engine_hooks", "load_wings", "plug", "set_engine_hooks", "set_speed_hooks", "speed_hooks"]
+__all__ = ["EngineHooks", "SpeedHooks", "engine_hooks", "load_wing", "plug", "set_engine_hooks", "set_speed_hooks", "speed_hooks"]
 
-_pending: list[str] = []
+_pending: dict = {}  # wing ("engines", "speed", "families") -> its module, until imported
 _lock = threading.RLock()
 
 
-def plug(*modules: str) -> None:
-    """Names the wing modules to import before the core first asks a question (see :func:`load_wings`)."""
+def plug(**wings: str) -> None:
+    """Names the module of each wing (``engines=``, ``speed=``, ``families=``), imported on first need."""
     with _lock:
-        _pending.extend(name for name in modules if name not in _pending)
+        _pending.update(wings)
 
 
-def load_wings() -> None:
-    """Imports the wings named by :func:`plug` that are not imported yet (each registers itself on import)."""
-    if not _pending:
+def load_wing(wing: str) -> None:
+    """Imports the module :func:`plug` named for ``wing``, once (it registers itself when imported)."""
+    if wing not in _pending:
         return
     with _lock:
-        while _pending:
-            name = _pending.pop(0)
-            try:
-                importlib.import_module(name)
-            except BaseException:
-                _pending.insert(0, name)
-                raise
+        module = _pending.pop(wing, None)
+        if module is None:
+            return
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            _pending[wing] = module
+            raise
 
 
 class EngineHooks:
@@ -108,13 +110,13 @@ _installed: dict = {"engines": EngineHooks(), "speed": SpeedHooks()}
 
 def engine_hooks() -> EngineHooks:
     """The engine answers in effect (the engines wing's, once plugged in)."""
-    load_wings()
+    load_wing("engines")
     return _installed["engines"]
 
 
 def speed_hooks() -> SpeedHooks:
     """The speed options in effect (the speed wing's, once plugged in)."""
-    load_wings()
+    load_wing("speed")
     return _installed["speed"]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
@@ -30,6 +31,7 @@ from ._settings import (
     without_context_fn,
 )
 from ._versions import capabilities
+from .errors import CheckpointingNotSupportedError, CompatWarning
 
 __all__ = ["prepare_for_lora"]
 

@@ -9,8 +9,9 @@ import torch
 from helpers import batch, lora, max_relative_difference, needs_selective
 from torch.overrides import TorchFunctionMode
 
-from qwen_ckpt_compat import CompatWarning, attention, patch, prepare_for_lora, unpatch
+from qwen_ckpt_compat import CompatWarning, patch, prepare_for_lora, unpatch
 from qwen_ckpt_compat._model_state import ATTRIBUTE as STATE
+from qwen_ckpt_compat.speed import attention
 from qwen_ckpt_compat.speed.attention import _causal_arguments
 
 SDPA = torch.nn.functional.scaled_dot_product_attention

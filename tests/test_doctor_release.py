@@ -27,11 +27,16 @@ from helpers import (
 )
 from packaging.version import Version
 
-from qwen_ckpt_compat import CompatWarning, UnsupportedTorchError, prepare_for_lora, unpatch
-from qwen_ckpt_compat.doctor import diagnose
-from qwen_ckpt_compat import StreamingUnavailableError
+from qwen_ckpt_compat import (
+    CompatWarning,
+    StreamingUnavailableError,
+    UnsupportedTorchError,
+    prepare_for_lora,
+    unpatch,
+)
 from qwen_ckpt_compat._loading import remote_code_loading_disabled
 from qwen_ckpt_compat._repairs.streaming import STREAM_PACKAGE
+from qwen_ckpt_compat.doctor import diagnose
 from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
 
 OLD_API_PROBLEMS = {"old-gc-api-reentrant-only", "old-gc-api-enable-typeerror", "old-gc-api-kwargs-ignored"}

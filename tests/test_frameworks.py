@@ -18,7 +18,15 @@ import types
 
 import pytest
 import torch
-from helpers import enable, has_our_input_grads_hook, load_qwen, lora, needs_kwargs, reentrant_in_effect, step_grads
+from helpers import (
+    enable,
+    has_our_input_grads_hook,
+    load_qwen,
+    lora,
+    needs_kwargs,
+    reentrant_in_effect,
+    step_grads,
+)
 
 from qwen_ckpt_compat import (
     CompatWarning,

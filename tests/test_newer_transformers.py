@@ -345,7 +345,7 @@ def test_chat_stream_names_a_simulated_reason(qwen, tiny_qwen_dir, monkeypatch, 
         "absent": f"{STREAM_PACKAGE} is not installed",
         "broken": f"{STREAM_PACKAGE} does not import: simulated",
     }
-    monkeypatch.setattr(loading, "stream_generator_problem", lambda: reason[case])
+    monkeypatch.setattr(streaming, "stream_generator_problem", lambda: reason[case])
     with pytest.raises(StreamingUnavailableError, match=reason[case]):
         qwen.chat_stream(_tokenizer(tiny_qwen_dir), "hi")
 

@@ -11,7 +11,7 @@ import torch
 from helpers import batch, lora, max_relative_difference, needs_selective, step_grads
 
 from qwen_ckpt_compat import prepare_for_lora
-from qwen_ckpt_compat import selective as selective_module
+from qwen_ckpt_compat.speed import selective as selective_module
 
 pytestmark = [needs_selective, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -17,9 +17,9 @@ import json
 import sys
 from typing import Any, Optional, TextIO
 
+from .._family_registry import FamilyFact
 from .checks import run_checks
 from .environment import Runtime, import_hook_enabled, installed_versions, stream_generator_status
-from .._family_registry import FamilyFact
 from .model import locate, model_facts, model_json, read_model
 from .report import (
     PROBLEM_IDS,

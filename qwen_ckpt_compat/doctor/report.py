@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, TextIO
 
-from .._version import __version__
 from .._loading import NO_IMPORT_HOOK_ENV
 from .._repairs.streaming import STREAM_PACKAGE
+from .._version import __version__
 
 __all__ = [
     "FIXED_BY",
