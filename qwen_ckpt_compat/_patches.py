@@ -14,7 +14,7 @@ code at once never wrap a function twice.
 
 Undo never removes another library's wrapper: where the attribute no longer holds what was installed (someone
 wrapped it since), the install is left in place, inert (its wrapper passes every call straight through), and
-stays listed as such.
+stays listed as such; installing it again makes it active again, where it is, under the other library's wrapper.
 """
 
 from __future__ import annotations
@@ -76,20 +76,30 @@ class PatchRegistry:
     _installs: list = field(default_factory=list)
     _lock: Any = field(default_factory=threading.RLock)
 
-    def _find(self, owner: Any, name: str, group: Hashable, marker: Any) -> Optional[Install]:
+    def _find(self, owner: Any, name: str, group: Hashable, what: str) -> Optional[Install]:
+        """The install of ``(owner, name, group, what)``, or ``None``."""
         for install in self._installs:
-            if install.active and install.owner is owner and install.name == name and install.group == group and install.what == marker:
+            if install.owner is owner and install.name == name and install.group == group and install.what == what:
                 return install
         return None
+
+    @staticmethod
+    def _reactivated(install: Install) -> bool:
+        """An inert install is made active again (``True``); an active one stays as it is (``False``)."""
+        if install.active:
+            return False
+        install.active = True
+        return True
 
     def wrap(self, owner: Any, name: str, wrapper: Callable, *, group: Hashable, what: str) -> bool:
         """Wraps ``owner.name`` (resolved through the MRO) with a wrapt wrapper function or a ``wrapt.decorator``.
 
-        Idempotent per ``(owner, name, group, what)``. Returns whether anything was installed now.
+        Idempotent per ``(owner, name, group, what)``. Returns whether anything was installed (or re-activated) now.
         """
         with self._lock:
-            if self._find(owner, name, group, what) is not None:
-                return False
+            found = self._find(owner, name, group, what)
+            if found is not None:
+                return self._reactivated(found)
             original = vars(owner).get(name, _ABSENT)
             holder: list = []
             if isinstance(wrapper, wrapt.FunctionWrapper):  # a wrapt.decorator: it builds the wrapper itself
@@ -104,8 +114,9 @@ class PatchRegistry:
     def set(self, owner: Any, name: str, value: Any, *, group: Hashable, what: str) -> bool:
         """Sets ``owner.name = value`` (a replacement of a removed API). Idempotent per ``(owner, name, group, what)``."""
         with self._lock:
-            if self._find(owner, name, group, what) is not None:
-                return False
+            found = self._find(owner, name, group, what)
+            if found is not None:
+                return self._reactivated(found)
             install = Install(owner, name, vars(owner).get(name, _ABSENT), value, group, what)
             setattr(owner, name, value)
             self._installs.append(install)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from .._family_registry import family_named
+from ._qwen import _config_dict, _state_dict
 from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_vl"
@@ -112,8 +113,6 @@ def write_tiny_qwen_vl(
     Returns:
         `pathlib.Path`: the model directory.
     """
-    from . import _config_dict, _state_dict
-
     config = _config_dict(
         num_hidden_layers=num_hidden_layers,
         hidden_size=hidden_size,
