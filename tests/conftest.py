@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
+from qwen_ckpt_compat.testing import TINY_FAMILIES  # noqa: E402
+
 
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
@@ -40,7 +42,8 @@ _QWEN_FILES = (
     "test_loading_patch",
 )
 _FAMILY_PARAMETERS = ("family_model", "setup", "loaded")  # the fixtures parametrized by family name
-_NAMED_FAMILIES = ("qwen_vl", "chatglm", "baichuan_7b", "baichuan", "internlm", "new_api")
+# Every fixture's name (the family registry's), longest first: "baichuan_7b" is matched before "baichuan".
+_NAMED_FAMILIES = tuple(sorted((*TINY_FAMILIES, "new_api"), key=len, reverse=True))
 
 
 def _family_of(item) -> "str | None":
@@ -119,7 +122,7 @@ def native_model_factory(request):
     return lambda: _native(request.param)
 
 
-FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")  # the old-API fixtures besides Qwen v1
+FAMILIES = tuple(name for name in TINY_FAMILIES if name != "qwen")  # the old-API fixtures besides Qwen v1
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,12 @@ import transformers
 from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from qwen_ckpt_compat._family_registry import family_named
 from qwen_ckpt_compat._model_state import state_of
 from qwen_ckpt_compat.speed.selective import attention_ops, keeps_output
 
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)
-TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
+TARGET_MODULES = list(family_named("qwen").lora_targets)
 
 # Releases where transformers' enable path itself is broken for old remote code, without the library.
 ENABLE_RAISES_TYPEERROR = Version("4.35.0") <= TRANSFORMERS < Version("4.36.0")

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from helpers import (
+    TARGET_MODULES,
     batch,
     count_block_calls,
     enable,
@@ -20,6 +21,7 @@ from helpers import (
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, memory_plan, prepare_for_lora
 from qwen_ckpt_compat.speed import budget as budget_module
+from qwen_ckpt_compat.speed.selective import storage_key
 from qwen_ckpt_compat.speed.budget import (
     CHECKPOINT,
     KEEP,
@@ -170,11 +172,11 @@ def test_probe_matches_what_the_whole_model_saves(tmp_path):
 
 
 def _saved_bytes(model, inputs) -> int:
-    excluded = {budget_module._storage_key(t) for t in (*model.parameters(), *model.buffers())}
+    excluded = {storage_key(t) for t in (*model.parameters(), *model.buffers())}
     saved: dict = {}
 
     def pack(tensor):
-        key = budget_module._storage_key(tensor)
+        key = storage_key(tensor)
         if key not in excluded:
             saved[key] = budget_module._storage_bytes(tensor)
         return tensor
@@ -404,7 +406,7 @@ def test_the_probe_leaves_the_random_stream_alone(tmp_path, device):
     grads = []
     for options in ({}, {"memory_budget": 10**12}):
         torch.manual_seed(0)
-        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["c_attn", "c_proj", "w1", "w2"],
+        config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=TARGET_MODULES,
                             init_lora_weights=False)
         model = get_peft_model(load_qwen(path), config)
         prepare_for_lora(model, **options)

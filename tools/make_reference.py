@@ -56,10 +56,10 @@ import torch  # noqa: E402
 REFERENCE_TRANSFORMERS = "4.55.4"
 REFERENCE_DIR = ROOT / "tests" / "reference"
 DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
+# The old-API fixtures besides Qwen v1 (the family registry's fixtures: qwen_ckpt_compat.testing.TINY_FAMILIES).
 FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")
 IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
 TINY_IMAGE_SIZE = 28  # write_tiny_qwen_vl's default image_size
-TARGET_MODULES = ["c_attn", "c_proj", "w1", "w2"]
 PEFT_PREFIX = "base_model.model."
 
 
@@ -133,13 +133,13 @@ def lora_model(path, seed: int, *, checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     from qwen_ckpt_compat import prepare_for_lora
-    from qwen_ckpt_compat.testing import load_tiny_qwen
+    from qwen_ckpt_compat.testing import TARGET_MODULES, load_tiny_qwen
 
     model = load_tiny_qwen(path).float()
     if checkpointing:
         prepare_for_lora(model)  # routed, non-reentrant checkpointing (the default)
     config = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGET_MODULES, init_lora_weights=False
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGET_MODULES), init_lora_weights=False
     )
     model = get_peft_model(model, config)
     return model, init_lora(model, seed)

@@ -39,17 +39,16 @@ import functools
 import re
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Protocol, Union
+from typing import Any, Callable, NamedTuple, Optional, Protocol, Union
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._checkpoint_layer import FLAG, FUNC
 from .._detection import unwrap_model
 from .._model_state import state_of
 from .._settings import CheckpointSettings, build_checkpoint_function, without_context_fn
 from ..errors import CompatWarning
-from .selective import keeps_output, stays_on_device
+from .selective import KeptOnDeviceRecorder, storage_key, tensors_in
 
 __all__ = [
     "BlockMeasurement",
@@ -178,49 +177,11 @@ class BlockMeasurement:
     selective_bytes: int = 0
 
 
-def _storage_key(tensor: torch.Tensor) -> Optional[tuple]:
-    try:
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-    except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage (some subclasses)
-        return ("id", id(tensor))
-    return (str(tensor.device), pointer) if pointer else None
-
-
 def _storage_bytes(tensor: torch.Tensor) -> int:
     try:
         return int(tensor.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError, TypeError):
         return tensor.numel() * tensor.element_size()
-
-
-def _tensors(value: Any) -> Iterator[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _tensors(item)
-
-
-class _KeptOnDevice(TorchDispatchMode):
-    """Records the outputs selective recompute would keep in device memory, one per storage, held while the probe
-    runs so that no two of them share an address."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.kept: dict = {}
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if keeps_output(func, args):
-            for tensor in _tensors(out):
-                key = _storage_key(tensor)
-                if key is not None and stays_on_device(tensor):
-                    self.kept.setdefault(key, tensor)
-        return out
 
 
 def _preserved_rng(device: torch.device) -> contextlib.AbstractContextManager:
@@ -250,14 +211,14 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
             args = (hidden, *args[1:])
         else:
             kwargs = {**kwargs, "hidden_states": hidden}
-    excluded = {_storage_key(t) for t in (*block.parameters(), *block.buffers(), *_tensors((args, kwargs)))}
+    excluded = {storage_key(t) for t in (*block.parameters(), *block.buffers(), *tensors_in((args, kwargs)))}
     saved: dict = {}  # storage key -> a tensor saved in it, held until the probe ends so no address is reused
 
     def pack(tensor: torch.Tensor) -> None:
         # Held here, not in the graph: returning the tensor itself would make a cycle through autograd wherever
         # an operator saves its own output, which Python's collector cannot see (the probe never runs backward).
         # The graph keeps this hook, so ``saved`` is emptied before the probe returns, for the same reason.
-        key = _storage_key(tensor)
+        key = storage_key(tensor)
         if key is not None:
             saved.setdefault(key, tensor)
 
@@ -267,10 +228,10 @@ def probe_block(block: torch.nn.Module, run: Callable[..., Any], args: tuple, kw
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, _never_unpacked))
         if selective:
-            recorder = stack.enter_context(_KeptOnDevice())
+            recorder = stack.enter_context(KeptOnDeviceRecorder())
         output = run(*args, **kwargs)
         # The hidden states it returns are the next block's input, kept either way; a KV cache it returns is not.
-        excluded.add(_storage_key(next(_tensors(output), hidden)))
+        excluded.add(storage_key(next(tensors_in(output), hidden)))
     measurement = BlockMeasurement(
         shape=(int(hidden.shape[0]), int(hidden.shape[1]) if hidden.dim() > 1 else 1),
         block_bytes=sum(_storage_bytes(t) for key, t in saved.items() if key not in excluded),

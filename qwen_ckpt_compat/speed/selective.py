@@ -33,7 +33,7 @@ import functools
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
@@ -45,12 +45,15 @@ from ..errors import CompatWarning, UnsupportedTorchError
 __all__ = [
     "ATTENTION_OP_NAMES",
     "HOST_COPY_MIN_BYTES",
+    "KeptOnDeviceRecorder",
     "SelectiveRecompute",
     "attention_ops",
     "keeps_output",
     "require_selective_checkpointing",
     "selective_checkpointing_available",
     "stays_on_device",
+    "storage_key",
+    "tensors_in",
 ]
 
 #: The aten operators of the fused attention kernels that ``torch.nn.functional.scaled_dot_product_attention``
@@ -129,6 +132,47 @@ def keeps_output(func: Any, args: tuple) -> bool:
 def stays_on_device(tensor: torch.Tensor) -> bool:
     """Whether a kept output stays in device memory (``False``: it is copied to pinned host memory)."""
     return not (tensor.is_cuda and _nbytes(tensor) >= HOST_COPY_MIN_BYTES and _dense(tensor))
+
+
+def storage_key(tensor: torch.Tensor) -> Optional[tuple]:
+    """(device, address) of the storage ``tensor`` lives in; ``None`` for an empty one."""
+    try:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError):  # tensors without storage (some subclasses)
+        return ("id", id(tensor))
+    return (str(tensor.device), pointer) if pointer else None
+
+
+def tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors of a nest of dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_in(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_in(item)
+
+
+class KeptOnDeviceRecorder(TorchDispatchMode):
+    """Records the outputs selective recompute keeps in device memory (:func:`keeps_output` and
+    :func:`stays_on_device`), one per storage, holding them while it is entered so that no two share an address.
+    The memory budget's probe counts their bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept: dict = {}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if keeps_output(func, args):
+            for tensor in tensors_in(out):
+                key = storage_key(tensor)
+                if key is not None and stays_on_device(tensor):
+                    self.kept.setdefault(key, tensor)
+        return out
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
