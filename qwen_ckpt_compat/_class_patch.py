@@ -198,6 +198,8 @@ def _settings_for(model: torch.nn.Module, function: Optional[Callable], every_n_
     noted = _CURRENT_REQUEST.get()
     defaults = state_of(model).defaults or CheckpointRequest()
     if noted is not None and noted[0] == id(model):
+        # An enable call (Trainer's): the function transformers built binds the same kwargs, but offload, selective
+        # recompute's context and the 8-bit default are the library's, so it is rebuilt from the noted request.
         request = noted[1].over(defaults)
         if noted[1].every_n_layers is not None or noted[1].offload is not None:
             request = replace(request, memory_budget=None)  # the call chose the blocks itself

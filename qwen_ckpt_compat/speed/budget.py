@@ -79,7 +79,8 @@ _UNITS = {
 def parse_memory_budget(value: Union[int, str]) -> int:
     """Bytes from an int of bytes or a string such as ``"70GiB"``, ``"80 GB"``, ``"512MiB"`` or ``"1.5TiB"``.
 
-    ``KiB/MiB/GiB/TiB`` are powers of 1024, ``KB/MB/GB/TB`` powers of 1000 (case does not matter).
+    ``KiB/MiB/GiB/TiB`` are powers of 1024, ``KB/MB/GB/TB`` powers of 1000 (case does not matter). Our own parser,
+    because transformers' ``convert_file_size_to_int`` is not in every release (5.24 no longer has it).
 
     Raises:
         `TypeError`: neither an int nor a string. `ValueError`: not positive, or not a size.
