@@ -1,11 +1,12 @@
 """Baichuan2-7B/13B(-Chat) (``model_type`` "baichuan").
 
-Facts (``shared/FAMILIES_FACTS.md``): ``BaichuanPreTrainedModel`` holds the old API; its owner is
-``BaichuanModel``, which holds ``layers`` and checkpoints them through a ``create_custom_forward`` closure with
-positional tensors. ``BaichuanConfig.__init__`` stores ``self.gradient_checkpointing = (gradient_checkpointing,)``,
-a one-element tuple and so always truthy: transformers' ``post_init`` turns it into an enable call while the
-model is being built, on every release. On 4.35.x that call raises the ``enable`` TypeError inside
-``from_pretrained``, before anything could patch the model afterwards.
+Facts (``docs/facts/baichuan2.md``, "Classes and blocks", "The config that enables checkpointing", "The 7B
+rotary tables on 5.x"): ``BaichuanPreTrainedModel`` holds the old API; its owner is ``BaichuanModel``, which
+holds ``layers`` and checkpoints them through a ``create_custom_forward`` closure with positional tensors.
+``BaichuanConfig.__init__`` stores ``self.gradient_checkpointing = (gradient_checkpointing,)``, a one-element
+tuple and so always truthy: transformers' ``post_init`` turns it into an enable call while the model is being
+built, on every release. On 4.35.x that call raises the ``enable`` TypeError inside ``from_pretrained``,
+before anything could patch the model afterwards.
 
 Baichuan2-7B (rotary, ``DecoderLayer``) also computes its rotary tables in ``RotaryEmbedding.__init__`` as plain
 tensor attributes: 5.x's meta-device construction leaves them on the meta device and the first forward fails
@@ -13,8 +14,8 @@ tensor attributes: 5.x's meta-device construction leaves them on the meta device
 
 Nothing of its own: the import hook patches its classes when they are loaded (so it loads on 4.35.x), an
 enable call made by ``post_init`` with nobody asking warns once, saying how to turn it off
-(:mod:`qwen_ckpt_compat.patching`), and the 7B tables get their ``__init__`` values after loading
-(:func:`qwen_ckpt_compat.removed_apis.recompute_non_persistent_buffers`).
+(:mod:`qwen_ckpt_compat._class_patch`), and the 7B tables get their ``__init__`` values after loading
+(:func:`qwen_ckpt_compat._repairs.weights.recompute_non_persistent_buffers`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
 """ChatGLM2-6B and ChatGLM3-6B (``model_type`` "chatglm").
 
-Facts (``shared/FAMILIES_FACTS.md``): ``ChatGLMPreTrainedModel`` holds the old API; its owner is
-``GLMTransformer`` (``ChatGLMModel.encoder``), whose ``forward(hidden_states, attention_mask, rotary_pos_emb,
-kv_caches=None, use_cache=True, output_hidden_states=False)`` calls each ``GLMBlock`` positionally, with
-sequence-first hidden states ``[seq, batch, hidden]``, and, when checkpointing, ``checkpoint(layer, ...)`` with
-every argument positional. ``ChatGLMForConditionalGeneration.__init__`` reads ``config.max_length``, which the
-config class never sets: it relied on the generation defaults ``PretrainedConfig`` carried before 5.0, so on
-5.x the model does not even load.
+Facts (``docs/facts/chatglm.md``, "Classes and blocks", "How the forward checkpoints", "Configuration and
+construction"): ``ChatGLMPreTrainedModel`` holds the old API; its owner is ``GLMTransformer``
+(``ChatGLMModel.encoder``), whose ``forward(hidden_states, attention_mask, rotary_pos_emb, kv_caches=None,
+use_cache=True, output_hidden_states=False)`` calls each ``GLMBlock`` positionally, with sequence-first hidden
+states ``[seq, batch, hidden]``, and, when checkpointing, ``checkpoint(layer, ...)`` with every argument
+positional. ``ChatGLMForConditionalGeneration.__init__`` reads ``config.max_length``, which the config class
+never sets: it relied on the generation defaults ``PretrainedConfig`` carried before 5.0, so on 5.x the model
+does not even load.
 
-Repairs (generic, detected, in :mod:`qwen_ckpt_compat.removed_apis`): the config attributes of
+Repairs (generic, detected, in :mod:`qwen_ckpt_compat._repairs.config` and
+:mod:`qwen_ckpt_compat._repairs.model_api`): the config attributes of
 ``PretrainedConfig`` before 5.0 (``max_length`` and the other generation defaults, and ``use_cache`` from
 ``config.json``, which 5.x drops), and ``post_init()``, which ChatGLM's model classes never call and 5.x's
 ``from_pretrained`` depends on.

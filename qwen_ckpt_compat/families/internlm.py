@@ -1,16 +1,16 @@
 """InternLM v1: internlm-chat-7b, internlm-20b (``model_type`` "internlm").
 
-Facts (``shared/FAMILIES_FACTS.md``): ``InternLMPreTrainedModel`` holds the old API; its owner is
-``InternLMModel``; the forward is LLaMA-like and checkpoints ``InternLMDecoderLayer`` through a
-``create_custom_forward`` closure. ``InternLMRotaryEmbedding.__init__`` computes ``inv_freq``, ``cos_cached``
-and ``sin_cached`` and registers them with ``persistent=False``; the forward rebuilds the caches only for a
-longer sequence.
+Facts (``docs/facts/internlm.md``, "Classes and blocks", "The rotary tables", "Behaviour per release"):
+``InternLMPreTrainedModel`` holds the old API; its owner is ``InternLMModel``; the forward is LLaMA-like and
+checkpoints ``InternLMDecoderLayer`` through a ``create_custom_forward`` closure.
+``InternLMRotaryEmbedding.__init__`` computes ``inv_freq``, ``cos_cached`` and ``sin_cached`` and registers
+them with ``persistent=False``; the forward rebuilds the caches only for a longer sequence.
 
 On 5.x a plain forward gives a NaN loss. Cause (reproduced by the fixture, see
 ``tests/test_families.py::test_internlm_nan_comes_from_uninitialised_rotary_buffers``): 5.x builds the model on
 the meta device and then gives each non-persistent buffer, which no checkpoint holds, uninitialised memory
 (``torch.empty_like``); native models recompute theirs in ``_init_weights``, this remote code does not. Repair
-(generic, in :mod:`qwen_ckpt_compat.removed_apis`): those buffers get again what ``__init__`` computes.
+(generic, in :mod:`qwen_ckpt_compat._repairs.weights`): those buffers get again what ``__init__`` computes.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """Qwen v1: Qwen-7B/14B/72B(-Chat) (``model_type`` "qwen"), the family this library was written for.
 
-Facts (``shared/QWEN_V1_FACTS.md``): ``QWenPreTrainedModel`` holds the old API, its owner is ``QWenModel``
-(``transformer``), the blocks are ``QWenBlock`` (in ``_no_split_modules``), hidden states are batch-first and
-the owner checkpoints them through a ``create_custom_forward`` closure. ``modeling_qwen.py`` imports
-``transformers_stream_generator`` inside ``chat_stream()`` only, which transformers' load-time import check
-demands and which no longer imports on transformers >= 4.57. 5.x removed ``get_head_mask``, which its forward
-calls (:mod:`qwen_ckpt_compat.removed_apis`).
+Facts (``docs/facts/qwen-v1.md``, "Classes and blocks", "How the forward checkpoints", "Loading and
+streaming"): ``QWenPreTrainedModel`` holds the old API, its owner is ``QWenModel`` (``transformer``), the
+blocks are ``QWenBlock`` (in ``_no_split_modules``), hidden states are batch-first and the owner checkpoints
+them through a ``custom_forward(*inputs)`` closure (which returns ``block(*inputs, use_cache,
+output_attentions)``). ``modeling_qwen.py`` imports ``transformers_stream_generator`` inside ``chat_stream()``
+only, which transformers' load-time import check demands and which no longer imports on transformers >= 4.57.
+5.x removed ``get_head_mask``, which its forward calls (:mod:`qwen_ckpt_compat._repairs.model_api`).
 
 Nothing of its own: the repairs it needs are detected on its code (the lazily imported streaming package makes
 ``chat_stream()`` raise :class:`~qwen_ckpt_compat.StreamingUnavailableError` while streaming cannot work, for

@@ -1,24 +1,25 @@
 """Qwen-VL and Qwen-VL-Chat (``model_type`` "qwen", with a vision tower).
 
-Facts (``shared/FAMILIES_FACTS.md``): the text part is Qwen v1's (``QWenPreTrainedModel``, owner ``QWenModel``,
-``_no_split_modules = ["QWenBlock"]``). ``QWenModel.visual`` is a vision transformer (``VisionTransformer``:
-a patch convolution, ``transformer.resblocks`` of ``VisualAttentionBlock``, then a one-layer cross-attention
-resampler) whose output replaces the hidden states between the image tokens. Images enter as their path (or
-URL) written as bytes between ``<img>`` and ``</img>`` in the text; ``visual.py`` imports ``requests``, ``PIL``
-and ``torchvision`` at import time. In training, a batch without images still runs the vision tower on a
-blank image (so that every parameter takes part).
+Facts (``docs/facts/qwen-vl.md``, "Classes and blocks", "Images in the text", "LoRA targets"): the text part
+is Qwen v1's (``QWenPreTrainedModel``, owner ``QWenModel``, ``_no_split_modules = ["QWenBlock"]``).
+``QWenModel.visual`` is a vision transformer (``VisionTransformer``: a patch convolution,
+``transformer.resblocks`` of ``VisualAttentionBlock``, then a one-layer cross-attention resampler) whose
+output replaces the hidden states between the image tokens. Images enter as their path (or URL) written as
+bytes between ``<img>`` and ``</img>`` in the text; ``visual.py`` imports ``requests``, ``PIL`` and
+``torchvision`` at import time. In training, a batch without images still runs the vision tower on a blank
+image (so that every parameter takes part).
 
 What is checkpointed, and why:
 
 * the ``QWenBlock`` s, as for Qwen v1;
-* the vision transformer's ``VisualAttentionBlock`` s, which the remote code never checkpoints (they are not in
-  ``_no_split_modules`` and its ``_set_gradient_checkpointing`` only flags ``QWenModel``): they are routed too,
-  with the same settings, and their ``every_n_layers`` count starts again at 0. A block checkpoints only when a
-  gradient can flow through it (:mod:`qwen_ckpt_compat.routing`): with LoRA on the language model and the
-  vision tower frozen (peft freezes it; use :data:`TARGET_MODULES`), the tower holds no activations for the
-  backward pass and runs once, so checkpointing it would save nothing. It pays off when the tower is trained
-  (LoRA targets inside it, or unfrozen parameters): then its blocks run again in the backward pass instead of
-  keeping their activations.
+* the vision transformer's ``VisualAttentionBlock`` s, which the remote code never checkpoints (they are not
+  in ``_no_split_modules`` and its ``_set_gradient_checkpointing`` only flags ``QWenModel``): they are routed
+  too, with the same settings, and their ``every_n_layers`` count starts again at 0. A block checkpoints only
+  when a gradient can flow through it (:mod:`qwen_ckpt_compat._checkpoint_layer`): with LoRA on the language
+  model and the vision tower frozen (peft freezes it; use :data:`TARGET_MODULES`), the tower holds no
+  activations for the backward pass and runs once, so checkpointing it would save nothing. It pays off when
+  the tower is trained (LoRA targets inside it, or unfrozen parameters): then its blocks run again in the
+  backward pass instead of keeping their activations.
 * the resampler is not checkpointed: a single cross-attention over the patch features.
 """
 
