@@ -170,10 +170,8 @@ def route(
         owner.__dict__[FLAG] = False  # the remote forward must not call torch's checkpoint itself
         state_of(owner).routes = True
     route_blocks(blocks, settings)
-    if settings.memory_budget is not None and blocks:
-        speed_hooks().attach_budget(model, blocks, settings)  # sets each block's flag and function from its plan
-    else:
-        speed_hooks().detach_budget(model, blocks, True)
+    # A plan (a memory budget; selective recompute per batch shape) sets each block's flag and function.
+    speed_hooks().plan_blocks(model, blocks, settings)
     # Reentrant checkpointing only propagates gradients to inputs that require them; with a frozen base the
     # embeddings' output does not, so LoRA weights inside the blocks would get none.
     set_input_grads(model, settings.use_reentrant is not False)
@@ -202,7 +200,7 @@ def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[
             state.routes = False
     for block in blocks:
         block.__dict__[FLAG] = False
-    speed_hooks().detach_budget(model, blocks, False)  # the plans stay for a later re-enable (Trainer's)
+    speed_hooks().stop_planning(model, blocks, False)  # the plans stay for a later re-enable (Trainer's)
     set_input_grads(model, False)
 
 

@@ -91,14 +91,13 @@ class SpeedHooks:
         """Why :meth:`selective_context` gives nothing, for a warning."""
         return "qwen_ckpt_compat.speed is not plugged in"
 
-    def attach_budget(self, model: Any, blocks: list, settings: Any) -> None:
-        """Plans the blocks of ``model`` for ``settings.memory_budget`` (it sets their flags and functions)."""
+    def plan_blocks(self, model: Any, blocks: list, settings: Any) -> None:
+        """Plans, per batch shape, how each decoder block of ``model`` is checkpointed under ``settings`` (a memory
+        budget, selective recompute); the plan sets the blocks' flags and functions before each training forward,
+        through the first block's ``State.before_blocks``. Nothing to plan: an earlier plan is dropped."""
 
-    def detach_budget(self, model: Any, blocks: list, forget: bool) -> None:
+    def stop_planning(self, model: Any, blocks: list, forget: bool) -> None:
         """Stops planning ``blocks``; ``forget`` drops the plans too (else a re-enable keeps them)."""
-
-    def before_blocks(self, block: Any, run: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        """Called before the first decoder block of each training forward of a model with a budget."""
 
     def set_fused_attention(self, model: Any, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
         """Turns the fused attention kernel on or off; returns how many attention modules of a known kind exist."""

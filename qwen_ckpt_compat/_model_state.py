@@ -27,7 +27,8 @@ class State:
             checkpoints with (``prepare_for_lora``'s options).
         settings (`CheckpointSettings`, *optional*): on a model: the settings checkpointing was last enabled with.
         input_grads_hook (`RemovableHandle`, *optional*): on a model: the library's input-embedding hook.
-        planner (`Any`): on a model: the memory-budget planner (the speed wing's), kept while checkpointing is off.
+        planner (`Any`): on a model: the speed wing's planner (memory budget, selective recompute per shape), kept
+            while checkpointing is off.
         routes (`bool`): on a block owner: its blocks are checkpointed by the library.
         saved (`dict`, *optional*): on a block: its checkpointing attributes before it was first routed.
         before_blocks (`Callable`, *optional*): on the first block: called before each training forward.

@@ -206,3 +206,42 @@ def lora_native(model):
     config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     return get_peft_model(model, config)
+
+
+# ------------------------------------------------------------------------------- the decision per shape
+
+
+@needs_selective
+@pytest.mark.parametrize(("threshold", "used"), [(64, False), (32, True), (33, False)])
+def test_selective_recompute_is_used_from_its_threshold_on(qwen, monkeypatch, threshold, used):
+    """Below the threshold the blocks are recomputed whole (cheaper there); from it on, attention is kept."""
+    from qwen_ckpt_compat._model_state import state_of
+    from qwen_ckpt_compat.speed import selective as selective_module
+
+    monkeypatch.setenv(selective_module.MIN_TOKENS_ENV, str(threshold))
+    model = lora(qwen)
+    prepare_for_lora(model, selective=True)
+    _, ops, _ = _counted_step(model, batch(batch_size=2, length=16))  # 32 tokens
+    assert ops.attention() == (2 if used else 4), "attention runs once per block, or again in each recompute"
+    assert state_of(qwen).planner.decisions == {32: used}
+    assert checkpoint_settings(qwen).selective is True, "the option stays on; the plan decides per shape"
+
+
+@needs_selective
+def test_the_decision_is_made_again_for_each_new_shape_and_gradients_stay_equal(qwen, tiny_qwen_dir, monkeypatch):
+    from helpers import load_qwen
+
+    from qwen_ckpt_compat._model_state import state_of
+    from qwen_ckpt_compat.speed import selective as selective_module
+
+    monkeypatch.setenv(selective_module.MIN_TOKENS_ENV, "40")
+    plain = lora(load_qwen(tiny_qwen_dir))
+    model = lora(qwen)
+    prepare_for_lora(model, selective=True)
+    for length, used in ((16, False), (24, True), (16, False)):
+        inputs = batch(batch_size=2, length=length)
+        reference, _, _ = _counted_step(plain, inputs)
+        grads, ops, _ = _counted_step(model, inputs)
+        assert ops.attention() == (2 if used else 4)
+        assert max_relative_difference(grads, reference) <= 1e-5
+    assert state_of(qwen).planner.decisions == {32: False, 48: True}

@@ -38,10 +38,15 @@ class _Speed(_hooks.SpeedHooks):
     def selective_unavailable(self) -> str:
         return f"torch {torch.__version__} < 2.5"
 
-    def attach_budget(self, model: Any, blocks: list, settings: Any) -> None:
-        budget.attach(model, blocks, settings)
+    def plan_blocks(self, model: Any, blocks: list, settings: Any) -> None:
+        if blocks and settings.memory_budget is not None:
+            budget.attach(model, blocks, settings)  # the budget's plan decides selective recompute too
+        elif blocks and settings.selective:
+            selective.attach(model, blocks, settings)
+        else:
+            budget.detach(model, blocks, forget=True)
 
-    def detach_budget(self, model: Any, blocks: list, forget: bool) -> None:
+    def stop_planning(self, model: Any, blocks: list, forget: bool) -> None:
         budget.detach(model, blocks, forget)
 
     def set_fused_attention(self, model: Any, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:

@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import functools
+import logging
+import os
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -40,13 +42,19 @@ import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from .._checkpoint_layer import FUNC
+from .._model_state import state_of
+from .._settings import CheckpointSettings, build_checkpoint_function, without_context_fn
 from ..errors import CompatWarning, UnsupportedTorchError
 
 __all__ = [
     "ATTENTION_OP_NAMES",
     "HOST_COPY_MIN_BYTES",
     "KeptOnDeviceRecorder",
+    "MIN_TOKENS",
+    "SelectivePlanner",
     "SelectiveRecompute",
+    "attach",
     "attention_ops",
     "keeps_output",
     "require_selective_checkpointing",
@@ -76,6 +84,15 @@ HOST_COPY_MIN_BYTES = 1 << 20
 _INNER_TO_WIDTH = 1 / 8
 
 _API = "torch.utils.checkpoint.create_selective_checkpoint_contexts"
+
+#: Selective recompute is used for a batch whose hidden states hold at least this many tokens (batch x sequence);
+#: below, a checkpointed block is recomputed whole. The per-operator dispatch costs more than the recompute it
+#: saves on short sequences (measured on one H200, Qwen-7B shapes: see docs/performance.md). The environment
+#: variable ``QWEN_CKPT_COMPAT_SELECTIVE_MIN_TOKENS`` replaces it (0: selective at every length).
+MIN_TOKENS = 6144
+MIN_TOKENS_ENV = "QWEN_CKPT_COMPAT_SELECTIVE_MIN_TOKENS"
+
+logger = logging.getLogger(__name__)
 
 
 def selective_checkpointing_available() -> bool:
@@ -429,3 +446,63 @@ class SelectiveRecompute(functools.partial):
 
 _ATTENTION = frozenset(attention_ops())
 
+
+
+# ------------------------------------------------------------------------------------------ per shape
+
+
+def _tokens(args: tuple, kwargs: dict) -> Optional[int]:
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        return None
+    return int(hidden.shape[:-1].numel())  # batch-first or sequence-first alike
+
+
+@dataclass(eq=False)
+class SelectivePlanner:
+    """Decides, per batch shape, whether the checkpointed blocks of one model use selective recompute.
+
+    Before the first decoder block of each training forward (``State.before_blocks``), the tokens of the batch are
+    counted: with at least :data:`MIN_TOKENS`, every checkpointed block gets the selective checkpoint function,
+    else the plain one (whole-block recompute, the cheaper one there). Each new decision is logged once, and
+    :attr:`decisions` keeps them, by token count.
+    """
+
+    blocks: list
+    settings: CheckpointSettings
+    min_tokens: Optional[int] = None  # None: MIN_TOKENS_ENV if set, else MIN_TOKENS
+    decisions: dict = field(default_factory=dict)  # tokens -> bool (selective used)
+    current: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if self.min_tokens is None:
+            self.min_tokens = int(os.environ.get(MIN_TOKENS_ENV, "") or MIN_TOKENS)
+        assert self.settings.kwargs is not None and "context_fn" in self.settings.kwargs
+        plain = without_context_fn(self.settings.kwargs)
+        self._functions = {True: self.settings.function, False: build_checkpoint_function(plain, self.settings.offload)}
+
+    def before_first_block(self, block: torch.nn.Module, run: Any, args: tuple, kwargs: dict) -> None:
+        tokens = _tokens(args, kwargs)
+        if tokens is None:
+            return
+        use = tokens >= int(self.min_tokens or 0)
+        if tokens not in self.decisions:
+            self.decisions[tokens] = use
+            logger.info(
+                "selective recompute %s for %d tokens (threshold %d)", "used" if use else "not used", tokens, self.min_tokens
+            )
+        if use is not self.current:
+            self.current = use
+            function = self._functions[use]
+            for routed in self.blocks:
+                if FUNC in routed.__dict__:
+                    routed.__dict__[FUNC] = function
+
+
+def attach(model: torch.nn.Module, blocks: list, settings: CheckpointSettings) -> SelectivePlanner:
+    """Gives ``model`` a :class:`SelectivePlanner` for its decoder blocks (``settings.selective`` is on)."""
+    planner = SelectivePlanner(list(blocks), settings)
+    state_of(model).planner = planner
+    for index, block in enumerate(blocks):
+        state_of(block).before_blocks = planner.before_first_block if index == 0 else None
+    return planner
