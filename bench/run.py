@@ -326,6 +326,97 @@ def _plan_dict(plan: Any) -> dict:
     return data
 
 
+# ------------------------------------------------------------------------------------ longest context
+
+#: The setups whose longest trainable sequence ``--longest`` searches: (kind, prepare_for_lora options).
+LONGEST = {
+    "default": ("qwen", {}),
+    "leanest": ("qwen", {"offload": True}),  # every block checkpointed, its input offloaded; fused attention
+    "native_qwen2": ("native", None),
+}
+
+
+def _one_step(model: Any, batch: dict, optimizer: Any, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device, start: int, step: int, limit: int,
+                    deadline: float, timed_at: Optional[int] = None) -> dict:
+    """The longest sequence (batch 1, a multiple of ``step``) that one setup trains within the device's memory.
+
+    One model for every probe: from ``start``, the length doubles until a step fails (out of memory) or passes
+    ``limit``, then the failing interval is halved down to ``step``. Each probe is one training step (the first
+    length gets a warm-up step before); its peak and time are recorded. ``timed_at``: a length also timed with
+    two more steps (the longest length another setup reached), for the step-time comparison.
+    """
+    from qwen_ckpt_compat import prepare_for_lora
+
+    kind, options = LONGEST[name]
+    found: dict = {"setup": name, "options": options, "probes": [], "longest": None, "status": "ok"}
+    model = None
+    try:
+        _clean(device)
+        if kind == "native":
+            model = build_native(shapes, device)
+            enable_transformers_checkpointing(model, {"use_reentrant": False})
+            model = add_lora(model, NATIVE_TARGETS, shapes.lora_r)
+        else:
+            model = build_qwen(shapes, code, device)
+            prepare_for_lora(model, **(options or {}))
+            model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def probe(seq: int, repeats: int = 1) -> bool:
+            batch = make_batch(shapes, seq, device)
+            torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
+            try:
+                times = [_one_step(model, batch, optimizer, device) for _ in range(repeats)]
+            except torch.cuda.OutOfMemoryError as error:
+                optimizer.zero_grad(set_to_none=True)
+                batch = None
+                _clean(device)
+                found["probes"].append({"seq": seq, "ok": False, "reason": _reason(error)})
+                return False
+            found["probes"].append({"seq": seq, "ok": True, "peak_bytes": _peak(device), "step_s": round(min(times), 4),
+                                    "step_times_s": [round(t, 4) for t in times]})
+            return True
+
+        probe(start)  # warm-up: kernels, allocator
+        good, bad = (start, None) if probe(start) else (None, start)
+        while good is not None and bad is None and good * 2 <= limit and time.monotonic() < deadline:
+            bad_or_good = good * 2
+            if probe(bad_or_good):
+                good = bad_or_good
+            else:
+                bad = bad_or_good
+        low, high = (good or step), (bad or limit + step)
+        while good is not None and high - low > step and time.monotonic() < deadline:
+            middle = (low + high) // 2 // step * step
+            if middle in (low, high):
+                break
+            if probe(middle):
+                low = good = middle
+            else:
+                high = middle
+        found["longest"] = good
+        if timed_at is not None and time.monotonic() < deadline:
+            probe(timed_at, repeats=2)
+    except Exception as error:  # noqa: BLE001 - one setup failing must not lose the others
+        found["status"], found["reason"] = "error", _reason(error)
+        traceback.print_exc()
+    finally:
+        model = None
+        _clean(device)
+    return found
+
+
 # ------------------------------------------------------------------------------ transformers' own path
 
 
@@ -428,6 +519,10 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default: 2048 8192; tiny: 32 64)")
     parser.add_argument("--only", nargs="+", help="run only these modes (names as in the JSON)")
     parser.add_argument("--deadline", type=float, default=510.0, help="seconds; modes not started by then are skipped")
+    parser.add_argument("--longest", nargs="+", choices=sorted(LONGEST), help="search the longest trainable sequence")
+    parser.add_argument("--longest-range", type=int, nargs=3, default=(32768, 4096, 262144), metavar=("START", "STEP", "LIMIT"),
+                        help="first length, granularity and upper limit of the search")
+    parser.add_argument("--longest-timed-at", type=int, help="also time each setup at this length (2 steps)")
     parser.add_argument("--transformers-own-check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--transformers-own-measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -474,6 +569,21 @@ def main(argv: Optional[list] = None) -> int:
     def save() -> None:
         report["meta"]["wall_s"] = round(time.monotonic() - began, 1)
         out_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+
+    if args.longest:
+        start, step, limit = args.longest_range
+        shapes = Shapes(**{**asdict(shapes), "seqs": (limit,)})  # the models' position limits cover the search
+        code = write_remote_code(shapes, work / "code-longest")
+        report["longest"] = []
+        for name in args.longest:
+            found = longest_context(name, shapes, code, device, start, step, limit, began + args.deadline,
+                                    timed_at=args.longest_timed_at)
+            report["longest"].append(found)
+            print(f"longest {name:<14} {found['longest']} ({len(found['probes'])} probes, {found['status']})", flush=True)
+            save()
+        check.kill()
+        save()
+        return 0
 
     selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
     for seq in sorted(shapes.seqs, reverse=True):  # the longest first: it matters most if time runs out
