@@ -1,7 +1,7 @@
 """Crafted model directories for the doctor's tests, and a small JSON Schema validator.
 
 The remote-code modules written here for other families (ChatGLM-, Baichuan- and InternLM-like) are this
-project's own few lines with the interface FAMILIES_FACTS.md describes (class names, the old
+project's own few lines with the interface the family pages of docs/facts/ describe (class names, the old
 ``_set_gradient_checkpointing(module, value)``, ``_no_split_modules``, the config quirks). They only need to
 parse: the doctor never runs them, and neither do the tests.
 """

@@ -55,8 +55,8 @@ def test_bad_memory_budgets(value, error):
 
 # ------------------------------------------------------------------------------- decisions (pure, H200 facts)
 
-# Qwen-7B shapes, one H200, bf16, LoRA r=8 (shared/QWEN_V1_FACTS.md): peaks of full checkpointing and of no
-# checkpointing, weights about 15.4 GB allocated before the step.
+# Qwen-7B shapes, one H200, bf16, LoRA r=8 (docs/facts/qwen-v1.md, "Memory and time on one H200"): peaks of
+# full checkpointing and of no checkpointing, weights about 15.4 GB allocated before the step.
 WEIGHTS = int(15.4 * GB)
 FACTS = {
     8192: {"full": int(26.06 * GB), "none": int(90.89 * GB), "input": 8192 * 4096 * 2},
@@ -84,8 +84,9 @@ def test_70gib_at_8192_keeps_as_many_blocks_as_fit():
     assert choice.fits and not choice.offload
     assert choice.decisions == (CHECKPOINT,) * 9 + (KEEP,) * 23, "the last blocks are kept"
     assert 70 * GiB * 0.98 - 2.03 * GB < choice.predicted_peak_bytes <= 70 * GiB * 0.98
-    # The step this plan predicts from the numbers (full checkpointing 1.679 s, one forward 0.485 s): each
-    # kept block saves its recompute. The GPU benchmark measures the real ratio (docs/performance.md).
+    # The step this plan predicts from the baseline (docs/facts/qwen-v1.md, "Memory and time on one H200":
+    # full checkpointing 1.679 s, one forward 0.485 s): each kept block saves its recompute. The GPU benchmark
+    # measures the real ratio (docs/performance.md).
     kept = choice.decisions.count(KEEP)
     assert (1.679 - kept * 0.485 / 32) / 1.679 <= 0.85
 

@@ -151,10 +151,10 @@ def test_family_other_than_qwen(tmp_path, family):
 
     found = FAMILY_PROBLEM_IDS & set(report.ids)
     if family == "chatglm":
-        # FAMILIES_FACTS.md: ChatGLM reads config.max_length, which 5.x's PretrainedConfig no longer has.
+        # docs/facts/chatglm.md: ChatGLM reads config.max_length, which 5.x's PretrainedConfig no longer has.
         lacks = not hasattr(PretrainedConfig(), "max_length")
         assert found == ({"config-attribute-missing"} if lacks else set())
-        if lacks:  # answered by the library's import (issue 8)
+        if lacks:  # answered by the library's import: known families' configs get the pre-5.0 attributes
             problem = report.problem("config-attribute-missing")
             assert problem.subject == "max_length" and not problem.needs_action and problem.fixed_by == "import"
     elif family == "baichuan":

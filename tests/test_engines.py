@@ -320,7 +320,8 @@ def test_8bit_models_warn_once_when_non_reentrant_is_asked(qwen, int8_layer_clas
 
 @pytest.mark.behaviour("engines")
 def test_8bit_models_prepare_for_lora_without_kwargs_is_reentrant_and_quiet(qwen, int8_layer_class):
-    """No kwargs is no preference (issue 11): the mode the library picks for 8-bit models, without a warning."""
+    """No kwargs is no preference (what is in effect is kept, else the library's default): the mode the
+    library picks for 8-bit models, without a warning."""
     _swap_in(qwen, int8_layer_class)
     with warnings.catch_warnings():
         warnings.simplefilter("error", CompatWarning)

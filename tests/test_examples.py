@@ -1,4 +1,4 @@
-"""The scripts in examples/ run end to end on this transformers release, each asserting what it shows (issue 11).
+"""The scripts in examples/ run end to end on this transformers release, each asserting what it shows.
 
 Each runs in a subprocess, as a user runs it (no arguments: the tiny built-in model, offline, CPU). They take
 about 10-20 s each, so the nox matrix runs them on its quick rows only (4.31, 4.35, 4.55 and the newest 5.x on

@@ -1,4 +1,4 @@
-"""ChatGLM2/3, Baichuan2, InternLM v1 and Qwen-VL with the library: the same guarantees as Qwen v1 (issue 8).
+"""ChatGLM2/3, Baichuan2, InternLM v1 and Qwen-VL with the library: the same guarantees as Qwen v1.
 
 Each test runs on the tiny fixture of each family (``qwen_ckpt_compat.testing.TINY_FAMILIES``): checkpointing
 recomputes every block, the requested ``use_reentrant`` reaches torch, LoRA trains in both peft orders with

@@ -1,4 +1,4 @@
-"""ChatGLM2/3, Baichuan2, InternLM v1 and Qwen-VL on every release behave as on transformers 4.55.4 (issue 8).
+"""ChatGLM2/3, Baichuan2, InternLM v1 and Qwen-VL behave on every release, 5.x included, as on 4.55.4.
 
 ``tests/reference/<family>_reference.pt`` were written under 4.55.4 by ``tools/make_reference.py --family all``
 (forward and generate with transformers alone). On every row, with the library imported: eval logits and loss,

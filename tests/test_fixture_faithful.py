@@ -1,4 +1,4 @@
-"""The tiny Qwen v1 fixture behaves like the real remote code (see QWEN_V1_FACTS.md), without the library.
+"""The tiny Qwen v1 fixture behaves like the real remote code (docs/facts/qwen-v1.md), without the library.
 
 Nothing from `qwen_ckpt_compat` is imported here except `qwen_ckpt_compat.testing`: these tests pin down
 the *unpatched* behaviour, release by release, that the rest of the package exists to fix.
@@ -32,7 +32,8 @@ from qwen_ckpt_compat.testing import (
 TF = version.parse(version.parse(transformers.__version__).base_version)
 HAS_STREAM_GENERATOR = importlib.util.find_spec("transformers_stream_generator") is not None
 
-# One gate per behaviour boundary of QWEN_V1_FACTS.md.
+# One gate per behaviour boundary (docs/facts/qwen-v1.md, "Behaviour per release";
+# docs/facts/transformers-releases.md).
 LOADS = TF < version.parse("4.57") and HAS_STREAM_GENERATOR  # 4.57 drops BeamSearchScorer (stream generator)
 LEGACY_ENABLE = TF <= version.parse("4.34.1")  # `apply(partial(_set_gradient_checkpointing, value=True))`
 ENABLE_TYPE_ERROR = version.parse("4.35.0") <= TF < version.parse("4.36")  # always the new keyword call

@@ -1,10 +1,10 @@
 """The tiny ChatGLM2/3, Baichuan2, InternLM v1 and Qwen-VL fixtures fail where the real code fails.
 
-``shared/FAMILIES_FACTS.md`` measured the real remote code on a tiny config, release by release: "as Qwen v1"
-(4.34.1 works reentrantly only, 4.35.x raises the ``enable`` TypeError, 4.36+ silently ignores the kwargs, the
-LoRA-after order has nothing to backpropagate), plus each family's own failures. These tests pin down the same
-behaviour of the fixtures with transformers' own loader, no library involved (a class loaded here is never
-patched); the rest of the suite shows the library removes each failure.
+The family pages of ``docs/facts/`` record the real remote code measured on a tiny config, release by
+release: "as Qwen v1" (4.34.1 works reentrantly only, 4.35.x raises the ``enable`` TypeError, 4.36+ silently
+ignores the kwargs, the LoRA-after order has nothing to backpropagate), plus each family's own failures. These
+tests pin down the same behaviour of the fixtures with transformers' own loader, no library involved (a class
+loaded here is never patched); the rest of the suite shows the library removes each failure.
 """
 
 from __future__ import annotations
@@ -232,8 +232,8 @@ def test_internlm_nan_comes_from_uninitialised_rotary_buffers(family_dirs, monke
     """Uninitialised memory that happens to hold NaN (as on the machine that measured the real model) gives NaN.
 
     ``torch.empty_like`` is made to return NaN-filled memory while loading: every parameter is still finite
-    (loaded from the checkpoint; on 5.0 re-initialised in place, see ``removed_apis``), only the rotary tables,
-    which no checkpoint holds, are NaN, and so is the loss.
+    (loaded from the checkpoint; on 5.0 re-initialised in place, see ``_repairs.weights``), only the rotary
+    tables, which no checkpoint holds, are NaN, and so is the loss.
     """
     family = family_of_fixture("internlm")
     real_empty_like = torch.empty_like

@@ -1,4 +1,4 @@
-"""Frameworks and tutorials that set up checkpointing themselves, in either order with prepare_for_lora (issue 11).
+"""Frameworks and tutorials that set up checkpointing themselves, in either order with prepare_for_lora.
 
 * ``prepare_for_lora()`` without ``gradient_checkpointing_kwargs`` expresses no preference: what is in effect
   on the model stays (a framework's choice, an earlier enable call, an earlier ``prepare_for_lora``), else the

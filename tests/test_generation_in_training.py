@@ -1,4 +1,4 @@
-"""Generating in training mode keeps the KV cache; training still turns it off and recomputes (issue 11).
+"""Generating in training mode keeps the KV cache; training still turns it off and recomputes.
 
 Tutorials call ``model.chat()`` straight after ``trainer.train()``, so the model is still in training mode with
 routed checkpointing on. ``generate`` runs without grad, where no block checkpoints, so the cache must stay on:

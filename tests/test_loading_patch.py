@@ -1,4 +1,4 @@
-"""Old-API remote classes are patched when transformers loads them, before any instance exists (issue 8).
+"""Old-API remote classes are patched when transformers loads them, before any instance exists.
 
 Once ``import qwen_ckpt_compat`` has run, nothing else needs calling: an enable call made while the model is
 being built (``post_init``) works on every release, and any later request (peft's

@@ -1,4 +1,4 @@
-"""Qwen v1 remote code loads, trains, saves and generates on every release like on 4.55.4 (issue 4).
+"""Qwen v1 remote code loads, trains, saves and generates on every release (4.57 and 5.x too) as on 4.55.4.
 
 * Equivalence with ``tests/reference/qwen_v1_reference.pt``, written once under transformers 4.55.4 by
   ``tools/make_reference.py``: logits, loss and LoRA gradients (relative difference <= 1e-5) and greedy

@@ -47,7 +47,8 @@ def test_typed_package_and_version():
     ],
 )
 def test_capability_flags_match_the_documented_releases(flag, first_release):
-    """Detected on the installed transformers; QWEN_V1_FACTS.md says from which release each exists."""
+    """Detected on the installed transformers; from which release each exists:
+    docs/facts/transformers-releases.md ("Capabilities and how they are detected")."""
     assert getattr(qwen_ckpt_compat.capabilities(), flag) is (TRANSFORMERS >= Version(first_release))
 
 
