@@ -90,7 +90,7 @@ def is_remote_code(model_or_class: Any) -> bool:
 
 
 def _original(function: Callable) -> Callable:
-    # The replacement installed by `patching` is a wrapt wrapper whose `__wrapped__` is the original.
+    # The replacement installed by `_class_patch` is a wrapt wrapper whose `__wrapped__` is the original.
     return inspect.unwrap(function)
 
 

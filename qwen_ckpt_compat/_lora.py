@@ -93,11 +93,11 @@ def prepare_for_lora(
             of their attention kernel and projections and recompute everything else. On CUDA the kept outputs
             live in pinned host memory (about 0.65 GiB per Qwen-7B block at 8,192 tokens), copied while the
             forward goes on: at 8,192 tokens the step is 0.86x full checkpointing's at the same GPU peak (H200).
-            At short sequences it is slower (1.5x at 2,048 tokens); see ``qwen_ckpt_compat.selective``.
+            At short sequences it is slower (1.5x at 2,048 tokens); see ``qwen_ckpt_compat.speed.selective``.
         fused_attention (`bool`, *optional*, defaults to `False`):
             Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
             padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
-            ``qwen_ckpt_compat.attention``.
+            ``qwen_ckpt_compat.speed.attention``.
 
     Returns:
         The same ``model``.

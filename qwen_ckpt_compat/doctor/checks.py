@@ -1,9 +1,9 @@
 """The checks: each looks at the model's facts and the installation, and adds the problems it finds.
 
 What a problem says must be what the installed release really does: ``tests/test_doctor_release.py`` runs both
-sides on every matrix row. Capabilities come from :func:`qwen_ckpt_compat.versions.capabilities`; the stream
-package's state from :mod:`qwen_ckpt_compat.loading`; what the library repairs from
-:mod:`qwen_ckpt_compat.removed_apis`.
+sides on every matrix row. Capabilities come from :func:`qwen_ckpt_compat._versions.capabilities`; the stream
+package's state from :mod:`qwen_ckpt_compat._repairs.streaming`; what the library repairs from
+:mod:`qwen_ckpt_compat._repairs`.
 """
 
 from __future__ import annotations
