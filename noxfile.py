@@ -115,7 +115,7 @@ class Row:
         return CONSTRAINTS / f"{self.id}.txt"
 
 
-# Rows sit at the behaviour boundaries of shared/QWEN_V1_FACTS.md; ids say what changed there.
+# Rows sit at the behaviour boundaries of docs/facts/transformers-releases.md; ids say what changed there.
 # Upload times: the earliest file of each release in https://pypi.org/pypi/transformers/json,
 # looked up once on 2026-11-28 and hard-coded here.
 ROWS = (

@@ -83,6 +83,14 @@ class SpeedHooks:
             raise RuntimeError("memory_budget and selective need qwen_ckpt_compat.speed, which is not plugged in")
         return None
 
+    def selective_available(self) -> bool:
+        """Whether the installed torch can do selective recompute (torch >= 2.5)."""
+        return False
+
+    def attention_class_names(self) -> tuple:
+        """The remote attention classes whose mask the fused attention kernel knows."""
+        return ()
+
     def selective_context(self) -> Optional[Callable[..., Any]]:
         """A fresh ``context_fn`` for selective recompute, or ``None`` where the installed torch cannot do it."""
         return None

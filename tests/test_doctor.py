@@ -516,3 +516,14 @@ def test_environment_only(qwen_report):
     # only the environment's problems; the model's come with a model
     assert set(report.ids) == {p.id for p in qwen_report.problems if p.id in set(report.ids)}
     assert not {"old-gc-api-kwargs-ignored", "import-before-loading", "removed-api-called"} & set(report.ids)
+
+
+def test_the_doctor_asks_the_speed_wing_what_this_torch_can_do():
+    """Asked through the core's hooks: a wrong module path would make both answers None, silently."""
+    import torch.utils.checkpoint
+
+    from qwen_ckpt_compat.doctor.environment import Runtime, installed_versions
+
+    runtime = Runtime(installed_versions())
+    assert runtime.selective_available is hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
+    assert runtime.attention_class_names == ("QWenAttention",)

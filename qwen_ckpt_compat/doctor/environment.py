@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from packaging.version import Version
 
+from .._hooks import speed_hooks
 from .._loading import import_hook_disabled_by_env, is_remote_code_loading_enabled
 from .._repairs.streaming import STREAM_PACKAGE, stream_generator_incompatibility, stream_generator_problem
 from .._versions import capabilities
@@ -66,11 +67,6 @@ def _guarded(question: Callable[[], Any]) -> Any:
             return question()
         except Exception:  # noqa: BLE001
             return None
-
-
-def _library(module: str) -> Any:
-    """A module of this library that imports torch (``selective``, ``attention``): imported only when asked."""
-    return importlib.import_module(f"qwen_ckpt_compat.{module}")
 
 
 def installed_versions() -> dict:
@@ -171,12 +167,12 @@ class Runtime:
     @functools.cached_property
     def selective_available(self) -> Optional[bool]:
         """Whether torch has selective activation checkpointing (``selective=True``); ``None``: cannot tell."""
-        return _guarded(lambda: _library("selective").selective_checkpointing_available())
+        return _guarded(lambda: speed_hooks().selective_available())
 
     @functools.cached_property
     def attention_class_names(self) -> Optional[tuple]:
         """The attention classes ``fused_attention=True`` knows (Qwen v1's); ``None``: cannot tell."""
-        return _guarded(lambda: tuple(_library("attention").ATTENTION_CLASS_NAMES))
+        return _guarded(lambda: tuple(speed_hooks().attention_class_names()))
 
     @functools.cached_property
     def generation_mixin(self) -> Optional[type]:

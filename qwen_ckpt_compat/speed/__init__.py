@@ -32,6 +32,12 @@ class _Speed(_hooks.SpeedHooks):
             selective.require_selective_checkpointing()
         return budget_bytes
 
+    def selective_available(self) -> bool:
+        return selective.selective_checkpointing_available()
+
+    def attention_class_names(self) -> tuple:
+        return attention.ATTENTION_CLASS_NAMES
+
     def selective_context(self) -> Optional[Callable[..., Any]]:
         return selective.SelectiveRecompute() if selective.selective_checkpointing_available() else None
 
