@@ -53,11 +53,13 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from qwen_ckpt_compat.testing import TINY_FAMILIES  # noqa: E402  (after the environment above)
+
 REFERENCE_TRANSFORMERS = "4.55.4"
 REFERENCE_DIR = ROOT / "tests" / "reference"
 DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
-# The old-API fixtures besides Qwen v1 (the family registry's fixtures: qwen_ckpt_compat.testing.TINY_FAMILIES).
-FAMILIES = ("chatglm", "baichuan", "baichuan_7b", "internlm", "qwen_vl")
+# The old-API fixtures besides Qwen v1 (the family registry's fixtures).
+FAMILIES = tuple(name for name in TINY_FAMILIES if name != "qwen")
 IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
 TINY_IMAGE_SIZE = 28  # write_tiny_qwen_vl's default image_size
 PEFT_PREFIX = "base_model.model."
