@@ -204,7 +204,6 @@ def family_lora_model(name: str, path, seed: int, *, checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     from qwen_ckpt_compat import prepare_for_lora
-    from qwen_ckpt_compat.testing import TINY_FAMILIES
 
     family = TINY_FAMILIES[name]
     model = family.load(path).float()
@@ -220,8 +219,6 @@ def family_lora_model(name: str, path, seed: int, *, checkpointing: bool):
 
 def make_family_reference(name: str, output: Path) -> Path:
     """The reference of one family's fixture (see the module doc); returns the file written."""
-    from qwen_ckpt_compat.testing import TINY_FAMILIES
-
     family = TINY_FAMILIES[name]
     folder = Path(tempfile.mkdtemp(prefix=f"qcc-reference-{name}-"))
     path = family.write(folder / "model")
