@@ -6,6 +6,7 @@ r"""Nox sessions: the transformers compatibility matrix, the wheel check and the
     nox -s "tests(4.35.0-enable-typeerror)" -- -k lora   # one row; pytest arguments after --
     nox -s constraints                    # regenerate constraints/*.txt (needs PyPI)
     nox -s table                          # docs/compatibility.md from reports/*.xml
+    QCC_ALL_TESTS=1 nox -s "tests(4.40.2-fallback)"   # one row's whole suite (see SPAWN_ROWS)
     QCC_GPU_SYSTEM_PYTHON=1 nox -s gpu    # the CUDA tests and the bench, with the machine's own Python
 
 Each matrix row installs torch 2.13.0 beside one transformers release and the peft, accelerate,
@@ -268,6 +269,7 @@ ERA_ROWS_BY_ID = {era.id: era for era in ERA_ROWS}
 SPAWN_ROWS = tuple(row.id for row in ROWS if row.spawns) + tuple(era.id for era in ERA_ROWS if era.spawns)
 SPAWNS_SKIPPED = f"the multi-process engine runs are launched on {', '.join(SPAWN_ROWS)} only (noxfile.py SPAWN_ROWS)"
 RELEASE_INDEPENDENT_ROWS = (ROWS[-1].id, ERA_ROWS[0].id)
+ALL_TESTS = os.environ.get("QCC_ALL_TESTS", "") not in ("", "0")  # QCC_ALL_TESTS=1: every session runs every test
 # The test runner and its dependencies resolve as of TOOLS_CUTOFF in era rows too (the newest pytest that
 # supports the row's Python); everything else is the era's.
 TEST_RUNNER = ("pytest", "pluggy", "iniconfig", "pygments", "exceptiongroup", "tomli")
@@ -442,10 +444,10 @@ def _install_and_test(
     if not (row.quick and stream_generator and era is None):
         env["QCC_RUN_EXAMPLES"] = "0"  # tests/test_examples.py: about 30 s a row; the quick rows cover each era
     row_id = era.id if era else row.id
-    selection: list[str] = []  # pytest arguments given after `--` come later and win (`-m ""` runs every test)
-    if variant or row_id not in RELEASE_INDEPENDENT_ROWS:
+    selection: list[str] = []  # a `-m` given after `--` comes later and wins
+    if (variant or row_id not in RELEASE_INDEPENDENT_ROWS) and not ALL_TESTS:
         selection += ["-m", "not release_independent"]
-    if variant or row_id not in SPAWN_ROWS:
+    if (variant or row_id not in SPAWN_ROWS) and not ALL_TESTS:
         selection += ["--skip-marked", f"spawns={SPAWNS_SKIPPED}"]
     with _timed(session, "pytest"):
         session.run(
