@@ -1,6 +1,6 @@
 r"""Nox sessions: the transformers compatibility matrix, the wheel check and the table.
 
-    nox                                   # every matrix row, then the wheel check (what CI runs)
+    nox                                   # the era rows, every matrix row, then the wheel check (what CI runs)
     nox -t quick                          # four rows, one per era
     nox -l                                # list the sessions
     nox -s "tests(4.35.0-enable-typeerror)" -- -k lora   # one row; pytest arguments after --
@@ -464,6 +464,18 @@ def _install_and_test(
         )
 
 
+# Defined first, so that the default run starts with them: nox --parallel starts sessions in the order they are
+# defined, and these are the longest (PyPI's torch to download, every spawns test) and would otherwise run last, alone.
+@nox.session(name="tests-era", tags=["era"], allow_parallel=True)
+@nox.parametrize(
+    "python,era_id", [nox.param(_pyenv_interpreter(era.python), era.id, id=era.id) for era in ERA_ROWS]
+)
+def tests_era(session: nox.Session, era_id: str) -> None:
+    """One era row (see ERA_ROWS): its Python, PyPI's torch and a transformers release, dated alike."""
+    era = ERA_ROWS_BY_ID[era_id]
+    _install_and_test(session, era.row, era=era)
+
+
 @nox.session(python=PYTHON, tags=["matrix"], allow_parallel=True)
 @nox.parametrize("transformers", _params(ROWS))
 def tests(session: nox.Session, transformers: str) -> None:
@@ -486,16 +498,6 @@ def tests_vision(session: nox.Session, transformers: str) -> None:
 def tests_no_tsg(session: nox.Session, transformers: str) -> None:
     """A row installed without transformers_stream_generator (everything else the same)."""
     _install_and_test(session, ROWS_BY_VERSION[transformers], stream_generator=False)
-
-
-@nox.session(name="tests-era", tags=["era"], allow_parallel=True)
-@nox.parametrize(
-    "python,era_id", [nox.param(_pyenv_interpreter(era.python), era.id, id=era.id) for era in ERA_ROWS]
-)
-def tests_era(session: nox.Session, era_id: str) -> None:
-    """One era row (see ERA_ROWS): its Python, PyPI's torch and a transformers release, dated alike."""
-    era = ERA_ROWS_BY_ID[era_id]
-    _install_and_test(session, era.row, era=era)
 
 
 # Runs alone (allow_parallel=False): it builds in the source tree (build/, egg-info, dist/).
@@ -556,12 +558,12 @@ def _system_python(session: nox.Session) -> str:
     """The interpreter QCC_GPU_SYSTEM_PYTHON asks for (see the GPU session's comment)."""
     if GPU_SYSTEM_PYTHON != "1":
         return GPU_SYSTEM_PYTHON
-    candidates = [sys.executable, shutil.which("python3"), shutil.which("python")]
-    for python in dict.fromkeys(c for c in candidates if c):
+    candidates = list(dict.fromkeys(c for c in (sys.executable, shutil.which("python3"), shutil.which("python")) if c))
+    for python in candidates:
         probe = subprocess.run([python, "-c", "import torch, pytest"], capture_output=True, check=False)
         if probe.returncode == 0:
             return python
-    session.error(f"QCC_GPU_SYSTEM_PYTHON=1: none of {[c for c in candidates if c]} imports torch and pytest")
+    session.error(f"QCC_GPU_SYSTEM_PYTHON=1: none of {candidates} imports torch and pytest; name one instead")
 
 
 @nox.session(python=False if GPU_SYSTEM else PYTHON, default=False)
