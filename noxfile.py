@@ -1,11 +1,13 @@
 r"""Nox sessions: the transformers compatibility matrix, the wheel check and the table.
 
-    nox                                   # every matrix row, then the wheel check (what CI runs)
+    nox                                   # the era rows, every matrix row, then the wheel check (what CI runs)
     nox -t quick                          # four rows, one per era
     nox -l                                # list the sessions
     nox -s "tests(4.35.0-enable-typeerror)" -- -k lora   # one row; pytest arguments after --
     nox -s constraints                    # regenerate constraints/*.txt (needs PyPI)
     nox -s table                          # docs/compatibility.md from reports/*.xml
+    QCC_ALL_TESTS=1 nox -s "tests(4.40.2-fallback)"   # one row's whole suite (see SPAWN_ROWS)
+    QCC_GPU_SYSTEM_PYTHON=1 nox -s gpu    # the CUDA tests and the bench, with the machine's own Python
 
 Each matrix row installs torch 2.13.0 beside one transformers release and the peft, accelerate,
 tokenizers, huggingface_hub, ... that PyPI had the day after that release, pinned in
@@ -103,6 +105,7 @@ class Row:
     id: str
     uploaded: str  # when PyPI received this transformers release (UTC)
     quick: bool = False
+    spawns: bool = False  # runs the tests marked `spawns` (see SPAWN_ROWS); each row's comment says why or why not
 
     @property
     def cutoff(self) -> str:
@@ -120,45 +123,70 @@ class Row:
 # looked up once on 2026-11-28 and hard-coded here.
 ROWS = (
     # oldest supported: gradient_checkpointing_enable() does apply(_set_gradient_checkpointing, value=True)
-    Row("4.31.0", "4.31.0-oldest", "2023-07-18T20:12:21Z", quick=True),
+    # spawns: yes, the 4.x row: the oldest API and companions (peft 0.4, accelerate 0.21) under DDP, accelerate and
+    # FSDP1/FSDP2 on torch 2.13 (the era row of this release has torch 2.0, whose FSDP does not run on the CPU)
+    Row("4.31.0", "4.31.0-oldest", "2023-07-18T20:12:21Z", quick=True, spawns=True),
     # old apply(value=) API with the companions of late summer 2023 (peft 0.5, accelerate 0.22)
+    # spawns: no, the same apply(value=) API and torch as 4.31.0-oldest; the engines' in-process tests run here
     Row("4.32.1", "4.32.1-apply-value", "2023-08-28T12:45:23Z"),
     # last release before the new _set_gradient_checkpointing(enable=...) API
+    # spawns: no, the same apply(value=) API and torch as 4.31.0-oldest
     Row("4.34.1", "4.34.1-last-apply-value", "2023-10-18T21:15:07Z"),
     # new API and no fallback: enabling on the old signature raises TypeError
+    # spawns: no: the library enables through its own routing on every release (the in-process engine tests run
+    # here); the 4.35.2-py3.10-torch2.1.1 era row launches the engines in this era
     Row("4.35.0", "4.35.0-enable-typeerror", "2023-11-02T16:45:27Z"),
     # last release of the TypeError era
+    # spawns: no, its era row (4.35.2-py3.10-torch2.1.1) launches them with this release and its companions
     Row("4.35.2", "4.35.2-last-typeerror", "2023-11-15T16:38:58Z", quick=True),
     # fallback to the old signature added; gradient_checkpointing_kwargs silently ignored
+    # spawns: no: what the engines check is the library's routing, the same on every release of the fallback era
+    # (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.36.2", "4.36.2-fallback-ignores-kwargs", "2023-12-18T18:24:40Z"),
     # default gradient_checkpointing_kwargs become {"use_reentrant": True} for native models
+    # spawns: no, a native-model default: the engines run the remote-code model with explicit settings
     Row("4.38.2", "4.38.2-default-reentrant", "2024-03-01T03:24:16Z"),
     # fallback era; companions move: peft 0.10, accelerate 0.30, transformers_stream_generator 0.0.5
+    # spawns: no, the fallback era (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.40.2", "4.40.2-fallback", "2024-05-06T16:07:56Z"),
     # fallback era; peft 0.12, accelerate 0.33, huggingface_hub 0.24
+    # spawns: no, the fallback era (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.43.4", "4.43.4-fallback", "2024-08-05T10:55:56Z"),
     # fallback era; first row with accelerate 1.x and numpy 2.x
+    # spawns: no, the fallback era; accelerate 1.x is launched by the 4.48.3 era row (accelerate 1.3) and 5.x rows
     Row("4.45.2", "4.45.2-fallback", "2024-10-07T17:42:51Z"),
     # fallback era; peft 0.14, accelerate 1.3, tokenizers 0.21
+    # spawns: no here; its era row (4.48.3-py3.12-torch2.5.1) launches them with these companions on torch 2.5.1
     Row("4.48.3", "4.48.3-fallback", "2025-02-07T10:10:43Z"),
     # last release before native models use GradientCheckpointingLayer (4.52); peft 0.15
+    # spawns: no, the fallback era (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.51.3", "4.51.3-fallback", "2025-04-14T08:13:43Z"),
     # native models checkpoint through GradientCheckpointingLayer
+    # spawns: no, a native-model change: the remote-code model the engines run keeps its own blocks
     Row("4.53.3", "4.53.3-ckpt-layer", "2025-07-22T07:30:48Z"),
     # newest release where the Qwen v1 remote code still loads
+    # spawns: no, the fallback era (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.55.4", "4.55.4-last-loading", "2025-08-22T15:18:40Z", quick=True),
     # remote code no longer loads: transformers_stream_generator imports the removed BeamSearchScorer
+    # spawns: no: loading through the library's import hook is tested in process here; 5.24.0-newest launches
+    # the engines on a release where only the library loads the model
     Row("4.57.6", "4.57.6-beamsearch-gone", "2026-01-16T10:38:31Z"),
     # native default becomes use_reentrant=False; get_head_mask and DisjunctiveConstraint removed
+    # spawns: no, the 5.x era is launched by 5.24.0-newest and its era row (5.24.0-py3.13-torch2.15.0)
     Row("5.0.0", "5.0.0-nonreentrant-no-head-mask", "2026-01-26T10:46:43Z"),
     # mid-5.x before every_n_layers; huggingface_hub 1.x era
+    # spawns: no, the 5.x era is launched by 5.24.0-newest and its era row
     Row("5.12.1", "5.12.1-v5", "2026-06-15T17:27:46Z"),
     # every_n_layers (5.16) and offload=True (5.17) for native models; ignored for the old format
+    # spawns: no, native-model options: the engines run the remote-code model (5.24.0-newest has both options too)
     Row("5.17.0", "5.17.0-every-n-offload", "2026-09-09T15:39:53Z"),
     # activation_checkpointing_enable(); gradient_checkpointing_enable becomes a deprecated alias
+    # spawns: no, 5.24.0-newest has the same API
     Row("5.23.0", "5.23.0-activation-ckpt", "2026-11-13T14:10:36Z"),
     # newest transformers on PyPI (2026-11-28)
-    Row("5.24.0", "5.24.0-newest", "2026-11-21T12:24:29Z", quick=True),
+    # spawns: yes, the 5.x row: the newest transformers, peft and accelerate on torch 2.13. It also runs the
+    # release-independent tests (RELEASE_INDEPENDENT_ROWS): with both, it runs the whole test suite
+    Row("5.24.0", "5.24.0-newest", "2026-11-21T12:24:29Z", quick=True, spawns=True),
 )
 ROWS_BY_ID = {row.id: row for row in ROWS}
 ROWS_BY_VERSION = {row.transformers: row for row in ROWS}
@@ -187,6 +215,7 @@ class EraRow:
     row: Row  # the transformers release; its cut-off dates everything else
     python: str
     torch: str
+    spawns: bool = True  # runs the tests marked `spawns` (see SPAWN_ROWS)
 
     @property
     def id(self) -> str:
@@ -209,16 +238,38 @@ class EraRow:
 ERA_ROWS = (
     # every floor at once: Python 3.9, torch 2.0.0, transformers 4.31.0, peft 0.4.0, accelerate 0.21.0, and
     # the library's own floors (ERA_EXTRA_PINS)
+    # spawns: yes, as on every era row: torch decides which engines run on the CPU and how (torch 2.0: DDP and
+    # accelerate; its FSDP asks for CUDA); also the release-independent tests (RELEASE_INDEPENDENT_ROWS)
     EraRow(ROWS_BY_ID["4.31.0-oldest"], "3.9", "2.0.0"),
     # the 4.35 TypeError era as users had it in November 2023; first torch whose checkpoint takes context_fn,
     # determinism_check and debug, and whose save_on_cpu takes device_type (2.1)
+    # spawns: yes: torch 2.1's DDP and accelerate (its FSDP asks for CUDA streams)
     EraRow(ROWS_BY_ID["4.35.2-last-typeerror"], "3.10", "2.1.1"),
     # Python 3.12; first torch with create_selective_checkpoint_contexts (2.5); its FSDP1 runs on the CPU
+    # spawns: yes: the first torch whose FSDP1, FSDP2 (torch.distributed._composable) and selective recompute run
+    # on the CPU, with the fallback era's transformers
     EraRow(ROWS_BY_ID["4.48.3-fallback"], "3.12", "2.5.1"),
     # the newest Python the bounds declare with the newest torch and transformers on PyPI (2026-11-28)
+    # spawns: yes: the newest torch's FSDP2 (torch.distributed.fsdp) and every engine
     EraRow(ROWS_BY_ID["5.24.0-newest"], "3.13", "2.15.0"),
 )
 ERA_ROWS_BY_ID = {era.id: era for era in ERA_ROWS}
+
+# What each session runs of the tests with a marker (pyproject.toml registers them):
+# - `spawns` (the 2-process engine runs under torch.distributed.run: about 35 s of a row's 150 on CI's 2 cores) run
+#   where they can check something another row does not: one 4.x and one 5.x row on torch 2.13, and every era row
+#   (each has its own torch, which decides which engines run on the CPU). The other rows skip them, with
+#   SPAWNS_SKIPPED as the reason: docs/compatibility.md notes that row's engines column as partly skipped; the
+#   engine tests that run in process (wrappers, DDP in one process, FSDP2's classes, 8-bit layers) run everywhere.
+# - `release_independent` (the doctor's command line, JSON schema and colour, the bench's --tiny run, import and
+#   packaging checks: about 70 s of a row) run on the newest row (Python 3.11, torch 2.13) and on the oldest
+#   era row (Python 3.9, torch 2.0: what these check there, torch's imports and the bench's modes, can differ);
+#   the other sessions deselect them.
+# Variant sessions (tests-no-tsg, tests-vision) repeat a row that already ran both: they run neither.
+SPAWN_ROWS = tuple(row.id for row in ROWS if row.spawns) + tuple(era.id for era in ERA_ROWS if era.spawns)
+SPAWNS_SKIPPED = f"the multi-process engine runs are launched on {', '.join(SPAWN_ROWS)} only (noxfile.py SPAWN_ROWS)"
+RELEASE_INDEPENDENT_ROWS = (ROWS[-1].id, ERA_ROWS[0].id)
+ALL_TESTS = os.environ.get("QCC_ALL_TESTS", "") not in ("", "0")  # QCC_ALL_TESTS=1: every session runs every test
 # The test runner and its dependencies resolve as of TOOLS_CUTOFF in era rows too (the newest pytest that
 # supports the row's Python); everything else is the era's.
 TEST_RUNNER = ("pytest", "pluggy", "iniconfig", "pygments", "exceptiongroup", "tomli")
@@ -392,6 +443,12 @@ def _install_and_test(
         env["QCC_WITHOUT_STREAM_GENERATOR"] = "1"
     if not (row.quick and stream_generator and era is None):
         env["QCC_RUN_EXAMPLES"] = "0"  # tests/test_examples.py: about 30 s a row; the quick rows cover each era
+    row_id = era.id if era else row.id
+    selection: list[str] = []  # a `-m` given after `--` comes later and wins
+    if (variant or row_id not in RELEASE_INDEPENDENT_ROWS) and not ALL_TESTS:
+        selection += ["-m", "not release_independent"]
+    if (variant or row_id not in SPAWN_ROWS) and not ALL_TESTS:
+        selection += ["--skip-marked", f"spawns={SPAWNS_SKIPPED}"]
     with _timed(session, "pytest"):
         session.run(
             "python",
@@ -401,9 +458,22 @@ def _install_and_test(
             f"--junitxml={REPORTS / f'{report_name}.xml'}",
             "-o",
             f"junit_suite_name={report_name}",
+            *selection,
             *(session.posargs or pytest_args),
             env=env,
         )
+
+
+# Defined first, so that the default run starts with them: nox --parallel starts sessions in the order they are
+# defined, and these are the longest (PyPI's torch to download, every spawns test) and would otherwise run last, alone.
+@nox.session(name="tests-era", tags=["era"], allow_parallel=True)
+@nox.parametrize(
+    "python,era_id", [nox.param(_pyenv_interpreter(era.python), era.id, id=era.id) for era in ERA_ROWS]
+)
+def tests_era(session: nox.Session, era_id: str) -> None:
+    """One era row (see ERA_ROWS): its Python, PyPI's torch and a transformers release, dated alike."""
+    era = ERA_ROWS_BY_ID[era_id]
+    _install_and_test(session, era.row, era=era)
 
 
 @nox.session(python=PYTHON, tags=["matrix"], allow_parallel=True)
@@ -428,16 +498,6 @@ def tests_vision(session: nox.Session, transformers: str) -> None:
 def tests_no_tsg(session: nox.Session, transformers: str) -> None:
     """A row installed without transformers_stream_generator (everything else the same)."""
     _install_and_test(session, ROWS_BY_VERSION[transformers], stream_generator=False)
-
-
-@nox.session(name="tests-era", tags=["era"], allow_parallel=True)
-@nox.parametrize(
-    "python,era_id", [nox.param(_pyenv_interpreter(era.python), era.id, id=era.id) for era in ERA_ROWS]
-)
-def tests_era(session: nox.Session, era_id: str) -> None:
-    """One era row (see ERA_ROWS): its Python, PyPI's torch and a transformers release, dated alike."""
-    era = ERA_ROWS_BY_ID[era_id]
-    _install_and_test(session, era.row, era=era)
 
 
 # Runs alone (allow_parallel=False): it builds in the source tree (build/, egg-info, dist/).
@@ -481,14 +541,73 @@ def package(session: nox.Session) -> None:
     shutil.rmtree(outside, ignore_errors=True)
 
 
+# The GPU session (not in the default run): the tests that skip without a CUDA device, and the bench's tests (its
+# --tiny run, its report and the plot, which needs matplotlib). For a GPU machine that has Python, torch,
+# transformers, peft, accelerate and pytest installed and maybe no PyPI:
+#     QCC_GPU_SYSTEM_PYTHON=1 nox -s gpu          # that interpreter as it is: installs nothing
+# runs them with the first of nox's own interpreter, python3 and python on PATH that imports torch and pytest (or
+# the interpreter QCC_GPU_SYSTEM_PYTHON names, when it is a path), with this checkout first on sys.path. Without it,
+# `nox -s gpu` makes a venv as the newest row does, with matplotlib, and torch as the index has it (PyPI's CUDA
+# build where no --find-links folder holds torch).
+GPU_TESTS = ("tests/test_selective_cuda.py", "tests/test_bench.py")
+GPU_SYSTEM_PYTHON = os.environ.get("QCC_GPU_SYSTEM_PYTHON", "").strip()
+GPU_SYSTEM = GPU_SYSTEM_PYTHON not in ("", "0")
+
+
+def _system_python(session: nox.Session) -> str:
+    """The interpreter QCC_GPU_SYSTEM_PYTHON asks for (see the GPU session's comment)."""
+    if GPU_SYSTEM_PYTHON != "1":
+        return GPU_SYSTEM_PYTHON
+    candidates = list(dict.fromkeys(c for c in (sys.executable, shutil.which("python3"), shutil.which("python")) if c))
+    for python in candidates:
+        probe = subprocess.run([python, "-c", "import torch, pytest"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return python
+    session.error(f"QCC_GPU_SYSTEM_PYTHON=1: none of {candidates} imports torch and pytest; name one instead")
+
+
+@nox.session(python=False if GPU_SYSTEM else PYTHON, default=False)
+def gpu(session: nox.Session) -> None:
+    """The CUDA tests, the bench's --tiny run and its plot, on a GPU machine (QCC_GPU_SYSTEM_PYTHON=1: install nothing)."""
+    env = _test_env(session)
+    if GPU_SYSTEM:
+        python = _system_python(session)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    else:
+        python = "python"
+        with _timed(session, "install"):
+            session.install(
+                *_find_links(), "-c", str(PACKAGE_ROW.constraints), f"torch=={TORCH}",
+                f"transformers=={PACKAGE_ROW.transformers}", *COMPANIONS, "pytest", "matplotlib", "-e", ".",
+            )
+    script = (
+        'import sys, importlib.metadata as m, torch; print("python".ljust(32) + sys.version.split()[0]);'
+        ' [print(n.ljust(32) + next((d.version for d in m.distributions(name=n)), "(absent)"))'
+        ' for n in sys.argv[1:]]; print("cuda".ljust(32) + (torch.cuda.get_device_name() if'
+        ' torch.cuda.is_available() else "(none: the CUDA tests skip)"))'
+    )
+    session.run(python, "-c", script, *SHOWN, "matplotlib", env=env, external=True, silent=False)
+    REPORTS.mkdir(exist_ok=True)
+    with _timed(session, "pytest"), session.chdir(ROOT):
+        session.run(
+            python, "-m", "pytest", "--strict-markers", f"--junitxml={REPORTS / 'gpu.xml'}",
+            "-o", "junit_suite_name=gpu", *(session.posargs or GPU_TESTS), env=env, external=True,
+        )
+
+
 @nox.session(python=PYTHON, default=False)
 def lint(session: nox.Session) -> None:
-    """ruff and mypy, against the newest row's packages (not part of the default run)."""
+    """ruff, mypy and the house's import contracts, against the newest row's packages (not in the default run).
+
+    ``lint-imports`` (import-linter) checks the contracts in pyproject.toml: the core never imports a wing, the
+    wings never import each other, and the core's layers; it fails on a violation.
+    """
     session.install(
         *_find_links(), "-c", str(PACKAGE_ROW.constraints), f"torch=={TORCH}",
-        f"transformers=={PACKAGE_ROW.transformers}", *COMPANIONS, "-e", ".", "ruff", "mypy",
+        f"transformers=={PACKAGE_ROW.transformers}", *COMPANIONS, "-e", ".", "ruff", "mypy", "import-linter==2.17",
     )
     session.run("ruff", "check", ".")  # the rules are in pyproject.toml; the remote-code fixtures are excluded there
+    session.run("lint-imports")
     session.run("mypy", "qwen_ckpt_compat")
 
 

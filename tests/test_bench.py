@@ -20,6 +20,8 @@ QWEN_MODES = [
     for suffix in ("", "+fused")
 ]
 
+pytestmark = pytest.mark.release_independent
+
 
 def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

@@ -47,6 +47,23 @@ def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subpro
     )
 
 
+def _cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``qwen-ckpt-compat doctor ...`` in this process: the command's own parser (``__main__.main``), its output
+    captured, returned as ``_cli`` returns the finished command. For what a fresh interpreter adds nothing to."""
+    import contextlib
+    import functools
+    import io
+    from unittest import mock
+
+    from qwen_ckpt_compat.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+            mock.patch.object(doctor, "run", functools.partial(doctor.run, out=out, err=err)):
+        status = main(["doctor", *args])
+    return subprocess.CompletedProcess(["qwen-ckpt-compat", "doctor", *args], status, out.getvalue(), err.getvalue())
+
+
 def _assert_valid(document: dict) -> None:
     errors = validation_errors(document, SCHEMA)
     assert not errors, errors
@@ -165,6 +182,7 @@ def test_family_other_than_qwen(tmp_path, family):
         assert found == ({"internlm-nan-loss"} if TRANSFORMERS >= Version("5.0") else set())
 
 
+@pytest.mark.release_independent
 def test_family_facts_are_problems_the_doctor_names():
     from qwen_ckpt_compat._family_registry import families
 
@@ -173,6 +191,7 @@ def test_family_facts_are_problems_the_doctor_names():
     assert {fact.id for fact in facts} <= doctor.PROBLEM_IDS
 
 
+@pytest.mark.release_independent
 def test_every_problem_id_is_declared_and_documented():
     """Ids the code can emit are in PROBLEM_IDS (read off the source), and each has a row in docs/doctor.md."""
     import ast
@@ -198,6 +217,7 @@ def test_every_problem_id_is_declared_and_documented():
         doctor.Problem("no-such-problem", "summary", "fix")
 
 
+@pytest.mark.release_independent
 def test_json_example_in_the_docs_follows_the_schema():
     text = (ROOT / "docs" / "doctor.md").read_text()
     example = json.loads(text.split("```json\n")[1].split("```")[0])
@@ -302,11 +322,12 @@ def test_bad_input_exits_2_naming_the_path(tmp_path):
         _assert_valid(report.to_json())
 
 
+@pytest.mark.release_independent
 def test_bad_input_through_the_command_line_has_no_traceback(tmp_path):
     syntax = write_qwen(tmp_path / "syntax_error")
     prepend(syntax / "modeling_qwen.py", "def broken(:\n")
     for argument, extra in ((tmp_path / "nowhere", []), (syntax, ["--json"])):
-        result = _cli(str(argument), *extra)
+        result = _cli_in_process(str(argument), *extra)
         assert result.returncode == 2, result.stderr
         assert "Traceback" not in result.stderr + result.stdout
         lines = result.stderr.strip().splitlines()
@@ -319,6 +340,7 @@ def test_bad_input_through_the_command_line_has_no_traceback(tmp_path):
 # --- JSON ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.release_independent
 def test_schema_uses_only_keywords_the_test_validator_checks():
     assert schema_keywords(SCHEMA) <= SUPPORTED_KEYWORDS
 
@@ -331,6 +353,7 @@ def test_reports_validate_against_the_schema(qwen_report, tmp_path):
         assert document["schema_version"] == 1 and document["exit_status"] == report.exit_status
 
 
+@pytest.mark.release_independent
 def test_schema_validator_rejects_what_the_schema_forbids(qwen_report):
     good = json.loads(json.dumps(qwen_report.to_json()))
     assert good["problems"], "the tiny model has at least one problem on every release"
@@ -374,6 +397,7 @@ def test_text_output_is_short_and_names_each_problem(qwen_report):
     assert max(len(line) for line in text.splitlines()) <= 130
 
 
+@pytest.mark.release_independent
 def test_colour_only_when_asked_or_on_a_terminal(qwen_dir, monkeypatch):
     import io
 
@@ -393,6 +417,7 @@ def test_colour_only_when_asked_or_on_a_terminal(qwen_dir, monkeypatch):
     assert {name for name, text in outputs.items() if "\033[" in text} == {"always", "tty"}
 
 
+@pytest.mark.release_independent
 @pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
 def test_colour_on_a_real_terminal(tmp_path):
     """The command itself, writing to a pseudo-terminal: coloured (environment only, transformers shadowed: fast)."""
@@ -422,8 +447,9 @@ def test_colour_on_a_real_terminal(tmp_path):
 # --- through the command line ----------------------------------------------------------------------------
 
 
+@pytest.mark.release_independent
 def test_command_line_json_on_the_tiny_model(qwen_dir, qwen_report):
-    result = _cli(str(qwen_dir), "--json")
+    result = _cli_in_process(str(qwen_dir), "--json")
     assert "Traceback" not in result.stderr
     document = json.loads(result.stdout)
     _assert_valid(document)
@@ -432,6 +458,7 @@ def test_command_line_json_on_the_tiny_model(qwen_dir, qwen_report):
     assert "\033[" not in result.stdout
 
 
+@pytest.mark.release_independent
 def test_console_script_entry_point_runs_doctor():
     from qwen_ckpt_compat.__main__ import main
 
@@ -478,6 +505,7 @@ def _shadow(tmp_path: Path, package: str, error: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+@pytest.mark.release_independent
 @pytest.mark.parametrize(
     "package, error, problem",
     [

@@ -113,6 +113,7 @@ def _ok(runs: dict, engine: str) -> list:
 
 
 @needs_gloo
+@pytest.mark.spawns
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("engine", [e for e in ENGINES if not e.endswith("engine-ac")])
 def test_engine_trains_with_routed_non_reentrant_checkpointing(runs, engine):
@@ -130,6 +131,7 @@ def test_engine_trains_with_routed_non_reentrant_checkpointing(runs, engine):
 
 
 @needs_gloo
+@pytest.mark.spawns
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("engine", [e for e in FP32_ENGINES if e != "ddp"])
 def test_float32_losses_equal_ddp(runs, engine):
@@ -139,6 +141,7 @@ def test_float32_losses_equal_ddp(runs, engine):
 
 
 @needs_gloo
+@pytest.mark.spawns
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("engine", BF16_ENGINES)
 def test_bf16_mixed_precision_losses_match_ddp_within_bf16_tolerance(runs, engine):
@@ -147,6 +150,7 @@ def test_bf16_mixed_precision_losses_match_ddp_within_bf16_tolerance(runs, engin
 
 
 @needs_gloo
+@pytest.mark.spawns
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("engine", SELECTIVE_ENGINES)
 def test_selective_recompute_serves_attention_under_fsdp(runs, engine):
@@ -160,6 +164,7 @@ def test_selective_recompute_serves_attention_under_fsdp(runs, engine):
 
 
 @needs_gloo
+@pytest.mark.spawns
 @needs_fsdp2
 @pytest.mark.behaviour("engines")
 def test_fsdp2_checkpoints_the_inputs_its_hooks_cast(runs):
@@ -173,6 +178,7 @@ def test_fsdp2_checkpoints_the_inputs_its_hooks_cast(runs):
 
 
 @needs_gloo
+@pytest.mark.spawns
 @needs_fsdp2
 @pytest.mark.behaviour("engines")
 def test_engine_activation_checkpointing_wins_and_no_block_is_checkpointed_twice(runs):

@@ -147,6 +147,7 @@ def test_directory_holds_remote_code_config_and_weights(qwen_dir):
     assert config["tie_word_embeddings"] is False
 
 
+@pytest.mark.release_independent
 def test_weights_come_from_torch_alone_and_are_deterministic(tmp_path):
     """The weights are written without importing transformers, so every release gets the same bytes."""
     script = (

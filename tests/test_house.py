@@ -88,6 +88,7 @@ def _cycle(graph: dict) -> list:
     return []
 
 
+@pytest.mark.release_independent
 def test_the_package_import_graph_has_no_cycle():
     modules = _package_modules()
     # The package __init__ imports the modules it names in its lazy table on first use: those count as imports.
@@ -96,11 +97,13 @@ def test_the_package_import_graph_has_no_cycle():
     assert _cycle(graph) == [], " -> ".join(_cycle(graph))
 
 
+@pytest.mark.release_independent
 def test_the_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) == []
 
 
+@pytest.mark.release_independent
 def test_the_core_imports_no_wing():
     """What import-linter checks in the lint session, also checked on every row, without import-linter."""
     modules = _package_modules()
@@ -132,6 +135,7 @@ def _owner() -> types.ModuleType:
     return owner
 
 
+@pytest.mark.release_independent
 def test_undo_restores_the_exact_original_and_is_idempotent():
     registry = PatchRegistry()
     owner = _owner()
@@ -150,6 +154,7 @@ def test_undo_restores_the_exact_original_and_is_idempotent():
     assert owner.greet is original and registry.installed() == []
 
 
+@pytest.mark.release_independent
 def test_undo_leaves_a_later_wrapper_of_another_library_in_place():
     registry = PatchRegistry()
     owner = _owner()
@@ -231,6 +236,7 @@ def test_the_doctor_and_the_core_name_a_family_the_same_way(config, expected):
     assert (family.name if family else None) == expected
 
 
+@pytest.mark.release_independent
 def test_importing_the_package_imports_no_wing_and_no_torch():
     import subprocess
 

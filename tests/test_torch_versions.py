@@ -132,6 +132,7 @@ def test_a_checkpoint_keyword_this_torch_takes_reaches_torch(qwen, monkeypatch):
     assert seen and all(k == {"use_reentrant": False, "determinism_check": "none"} for k in seen), seen
 
 
+@pytest.mark.release_independent
 def test_checkpoint_function_imports_what_it_calls():
     """torch 2.0's ``import torch`` leaves ``torch.utils.checkpoint`` unimported; the settings must not rely on others."""
     code = (
