@@ -35,7 +35,7 @@ import torch
 
 from ._hooks import engine_hooks, speed_hooks
 from ._input_grads import set_input_grads
-from ._model_state import state_of
+from ._model_state import existing_state, state_of
 from ._settings import CheckpointSettings
 from .errors import CompatWarning
 
@@ -63,7 +63,7 @@ FUNC = "_gradient_checkpointing_func"
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
     attributes = instance.__dict__
-    state = state_of(instance, create=False)
+    state = existing_state(instance)
     training = instance.training and torch.is_grad_enabled()
     if state is not None and state.before_blocks is not None and training:
         state.before_blocks(instance, wrapped, args, kwargs)  # may re-flag every block
@@ -99,7 +99,7 @@ def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> boo
 
 def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``forward``: checkpoints it when ``__call__`` asked for that."""
-    state = state_of(instance, create=False)
+    state = existing_state(instance)
     if state is None or not state.checkpoint_forward:
         return wrapped(*args, **kwargs)
     state.checkpoint_forward = False
@@ -121,7 +121,7 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     Without grad (``generate``, ``model.chat()``, evaluation under ``torch.no_grad()``) no block checkpoints,
     so the cache is kept even in training mode: otherwise every new token would recompute the whole prefix.
     """
-    state = state_of(instance, create=False)
+    state = existing_state(instance)
     if state is None or not (state.routes and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
     _leave_blocks_to_engine_checkpointing(instance)
@@ -195,7 +195,7 @@ def route_blocks(blocks: list[torch.nn.Module], settings: CheckpointSettings) ->
 def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:
     """Turns routed checkpointing off: the blocks run their plain forward again."""
     for owner in owners:
-        state = state_of(owner, create=False)
+        state = existing_state(owner)
         if state is not None:
             state.routes = False
     for block in blocks:
@@ -207,7 +207,7 @@ def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[
 def clear(model: torch.nn.Module) -> None:
     """Removes every attribute and hook the checkpoint layer put on ``model`` and its submodules."""
     for module in model.modules():
-        state = state_of(module, create=False)
+        state = existing_state(module)
         if state is None:
             continue
         set_input_grads(module, False)

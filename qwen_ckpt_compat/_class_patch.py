@@ -45,7 +45,7 @@ from ._detection import (
 from ._family_registry import family_of
 from ._hooks import speed_hooks
 from ._input_grads import set_input_grads
-from ._model_state import state_of
+from ._model_state import existing_state, state_of
 from ._patches import registry
 from ._settings import (
     CheckpointRequest,
@@ -80,7 +80,7 @@ _CURRENT_REQUEST: contextvars.ContextVar = contextvars.ContextVar("qcc_request",
 _AUTOMATIC_ENABLE: contextvars.ContextVar = contextvars.ContextVar("qcc_automatic_enable", default=None)
 
 
-def _group(cls: type) -> tuple:
+def _group(cls: Optional[type]) -> tuple:
     return ("checkpointing", cls)
 
 
@@ -378,7 +378,7 @@ def set_checkpointing_defaults(model: Any, request: CheckpointRequest) -> None:
 
 def checkpointing_defaults(model: Any) -> Optional[CheckpointRequest]:
     """What :func:`set_checkpointing_defaults` stored on ``model``, or ``None``."""
-    state = state_of(unwrap_model(model), create=False)
+    state = existing_state(unwrap_model(model))
     return state.defaults if state is not None else None
 
 
@@ -405,7 +405,7 @@ def checkpoint_settings(model: Any) -> Optional[CheckpointSettings]:
     """
     root = unwrap_model(model)
     for module in root.modules():
-        state = state_of(module, create=False)
+        state = existing_state(module)
         if state is not None and state.settings is not None:
             return state.settings
     return None

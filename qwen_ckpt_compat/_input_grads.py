@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ._model_state import state_of
+from ._model_state import existing_state, state_of
 
 __all__ = ["has_live_input_grads_hook", "set_input_grads"]
 
@@ -52,15 +52,13 @@ def set_input_grads(model: Any, wanted: bool) -> None:
     A hook that transformers or peft added (``_require_grads_hook``) already does the job: ours goes then, or at
     its next run when theirs came later.
     """
-    state = state_of(model, create=wanted)
-    handle = state.input_grads_hook if state is not None else None
+    existing = existing_state(model)
     if not wanted or has_live_input_grads_hook(model):
-        if handle is not None:
-            handle.remove()
-            state.input_grads_hook = None
+        if existing is not None and existing.input_grads_hook is not None:
+            existing.input_grads_hook.remove()
+            existing.input_grads_hook = None
         return
-    if handle is not None:
-        return
-    embeddings = model.get_input_embeddings()
-    hook = functools.partial(_make_inputs_require_grad, weakref.ref(model))
-    state.input_grads_hook = embeddings.register_forward_hook(hook)
+    state = state_of(model)
+    if state.input_grads_hook is None:
+        hook = functools.partial(_make_inputs_require_grad, weakref.ref(model))
+        state.input_grads_hook = model.get_input_embeddings().register_forward_hook(hook)

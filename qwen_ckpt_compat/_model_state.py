@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-__all__ = ["ATTRIBUTE", "State", "clear", "state_of"]
+__all__ = ["ATTRIBUTE", "State", "clear", "existing_state", "state_of"]
 
 ATTRIBUTE = "_qcc_state"
 
@@ -58,12 +58,17 @@ class State:
         return True
 
 
-def state_of(module: Any, create: bool = True) -> Optional[State]:
-    """The :class:`State` of ``module`` (a new one if it has none and ``create``, else ``None``)."""
+def state_of(module: Any) -> State:
+    """The :class:`State` of ``module``; a new one if it has none."""
     state = module.__dict__.get(ATTRIBUTE)
-    if state is None and create:
+    if state is None:
         state = module.__dict__[ATTRIBUTE] = State()
     return state
+
+
+def existing_state(module: Any) -> Optional[State]:
+    """The :class:`State` of ``module``, or ``None`` when the library keeps nothing about it."""
+    return module.__dict__.get(ATTRIBUTE)
 
 
 def clear(module: Any) -> Optional[State]:

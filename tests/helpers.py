@@ -14,7 +14,7 @@ from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from qwen_ckpt_compat._family_registry import family_named
-from qwen_ckpt_compat._model_state import state_of
+from qwen_ckpt_compat._model_state import existing_state
 from qwen_ckpt_compat.speed.selective import attention_ops, keeps_output
 
 TRANSFORMERS = Version(Version(transformers.__version__).base_version)
@@ -275,5 +275,5 @@ class OpCounts(TorchDispatchMode):
 
 def has_our_input_grads_hook(model) -> bool:
     """Whether the library's own input-embedding hook (for reentrant checkpointing with a frozen base) is in place."""
-    state = state_of(model, create=False)
+    state = existing_state(model)
     return state is not None and state.input_grads_hook is not None

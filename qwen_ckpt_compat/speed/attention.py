@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
-from .._model_state import state_of
+from .._model_state import existing_state, state_of
 
 __all__ = ["ATTENTION_CLASS_NAMES", "attention_modules", "fused_attention_call", "set_fused_attention"]
 
@@ -62,7 +62,7 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[t
     for module in modules:
         if enabled:
             wrap(type(module), "__call__", fused_attention_call)
-        state = state_of(module, create=enabled)
+        state = state_of(module) if enabled else existing_state(module)
         if state is not None:
             state.fused_attention = enabled
     return len(modules)
@@ -73,7 +73,7 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[t
 
 def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for the attention's ``__call__``: the causal SDPA rewrite, where it is exact."""
-    state = state_of(instance, create=False)
+    state = existing_state(instance)
     if state is None or not state.fused_attention or not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
         return wrapped(*args, **kwargs)
     with _CausalAttention():

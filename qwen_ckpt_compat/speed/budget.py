@@ -45,7 +45,7 @@ import torch
 
 from .._checkpoint_layer import FLAG, FUNC
 from .._detection import unwrap_model
-from .._model_state import state_of
+from .._model_state import existing_state, state_of
 from .._settings import CheckpointSettings, build_checkpoint_function, without_context_fn
 from ..errors import CompatWarning
 from .selective import KeptOnDeviceRecorder, storage_key, tensors_in
@@ -601,10 +601,10 @@ def attach(model: torch.nn.Module, blocks: list, settings: CheckpointSettings) -
 def detach(model: torch.nn.Module, blocks: list, forget: bool) -> None:
     """Stops planning ``blocks``; ``forget`` drops the model's plans too (else a re-enable keeps them)."""
     for block in blocks:
-        state = state_of(block, create=False)
+        state = existing_state(block)
         if state is not None:
             state.before_blocks = None
-    state = state_of(model, create=False)
+    state = existing_state(model)
     if forget and state is not None:
         state.planner = None
 
@@ -615,7 +615,7 @@ def memory_plan(model: Any) -> Optional[MemoryPlan]:
     ``None`` before the first plan: without a ``memory_budget``, or while the first training step of a shape is
     being measured. ``print(memory_plan(model))`` shows the per-block decisions and the predicted peak.
     """
-    state = state_of(unwrap_model(model), create=False)
+    state = existing_state(unwrap_model(model))
     planner = state.planner if state is not None else None
     return planner.current if isinstance(planner, BudgetPlanner) else None
 
