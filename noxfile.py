@@ -204,6 +204,15 @@ VISION_ROWS = {
 }
 # What the vision rows run: the family test files, Qwen-VL's tests only (the rest runs in the rows themselves).
 VISION_TESTS = ("tests/test_families.py", "tests/test_families_newer.py", "tests/test_fixture_faithful_families.py")
+# What the no-tsg rows run: the test files whose outcome depends on whether transformers_stream_generator is
+# installed (loading Qwen-style code through the import hook's check, chat_stream, the doctor's streaming checks,
+# the fixtures' faithfulness to the real loading), plus the LoRA path on a model loaded that way. The rest runs in
+# the rows themselves, with the package installed: nothing else imports it.
+NO_TSG_TESTS = (
+    "tests/test_newer_transformers.py", "tests/test_loading_patch.py", "tests/test_fixture_faithful.py",
+    "tests/test_fixture_faithful_families.py", "tests/test_families.py", "tests/test_doctor.py",
+    "tests/test_doctor_release.py", "tests/test_lora.py",
+)
 # The wheel check uses the newest row's pins.
 PACKAGE_ROW = ROWS[-1]
 
@@ -496,8 +505,8 @@ def tests_vision(session: nox.Session, transformers: str) -> None:
 @nox.session(name="tests-no-tsg", python=PYTHON, tags=["matrix"], allow_parallel=True)
 @nox.parametrize("transformers", _params(tuple(ROWS_BY_ID[i] for i in NO_TSG_ROWS), quick=False))
 def tests_no_tsg(session: nox.Session, transformers: str) -> None:
-    """A row installed without transformers_stream_generator (everything else the same)."""
-    _install_and_test(session, ROWS_BY_VERSION[transformers], stream_generator=False)
+    """A row installed without transformers_stream_generator (everything else the same), running NO_TSG_TESTS."""
+    _install_and_test(session, ROWS_BY_VERSION[transformers], stream_generator=False, pytest_args=NO_TSG_TESTS)
 
 
 # Runs alone (allow_parallel=False): it builds in the source tree (build/, egg-info, dist/).
