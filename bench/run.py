@@ -518,6 +518,7 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: the pipeline in seconds")
     parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default: 2048 8192; tiny: 32 64)")
     parser.add_argument("--only", nargs="+", help="run only these modes (names as in the JSON)")
+    parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), help="steps per mode (default: 2 6)")
     parser.add_argument("--deadline", type=float, default=510.0, help="seconds; modes not started by then are skipped")
     parser.add_argument("--longest", nargs="+", choices=sorted(LONGEST), help="search the longest trainable sequence")
     parser.add_argument("--longest-range", type=int, nargs=3, default=(32768, 4096, 262144), metavar=("START", "STEP", "LIMIT"),
@@ -530,6 +531,8 @@ def main(argv: Optional[list] = None) -> int:
     shapes = TINY if args.tiny else FULL
     if args.seq:
         shapes = Shapes(**{**asdict(shapes), "seqs": tuple(args.seq)})
+    if args.steps:
+        shapes = Shapes(**{**asdict(shapes), "warmup": args.steps[0], "steps": args.steps[1]})
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="qcc-bench-"))
 
