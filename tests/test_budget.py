@@ -21,7 +21,6 @@ from helpers import (
 
 from qwen_ckpt_compat import CompatWarning, checkpoint_settings, memory_plan, prepare_for_lora
 from qwen_ckpt_compat.speed import budget as budget_module
-from qwen_ckpt_compat.speed.selective import storage_key
 from qwen_ckpt_compat.speed.budget import (
     CHECKPOINT,
     KEEP,
@@ -31,6 +30,7 @@ from qwen_ckpt_compat.speed.budget import (
     parse_memory_budget,
     probe_block,
 )
+from qwen_ckpt_compat.speed.selective import storage_key
 
 GB, GiB = 10**9, 2**30
 
