@@ -100,10 +100,10 @@ def prepare_for_lora(
         fused_attention (`bool`, *optional*):
             Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
             padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
-            ``qwen_ckpt_compat.speed.attention``. Not given: on in training forwards (module in training mode,
-            grad enabled), so that evaluation, ``generate`` and ``chat()`` run the remote code's own path; no
-            warning where the model has no attention of a known kind. `True`: also in inference calls (warns
-            where it cannot apply). `False`: off.
+            ``qwen_ckpt_compat.speed.attention``. Not given: on in training calls (module in training mode, no KV
+            cache, no attention dropout), so that evaluation, ``generate`` and ``chat()`` run the remote code's
+            own path; no warning where the model has no attention of a known kind. `True`: also in inference calls
+            and with attention dropout (warns where it cannot apply). `False`: off.
         chunked_loss (`bool` or `int`, *optional*, defaults to `False`):
             In a training forward given ``labels``, compute the LM head and the cross-entropy by chunks of tokens
             (`True`: 1,024 tokens; an `int`: that many), recomputing each chunk's logits in the backward pass,

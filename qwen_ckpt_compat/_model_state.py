@@ -34,7 +34,7 @@ class State:
         engine_checkpoints (`bool`): on a block: an engine's own activation checkpointing wraps it.
         checkpoint_forward (`bool`): on a block, during one call: checkpoint ``forward`` inside the engine's hooks.
         fused_attention (`str`, *optional*): on an attention module: when the fused causal kernel may run
-            (``"training"``: training forwards only; ``"always"``: every call whose mask is purely causal).
+            (``"training"``: training calls only, no KV cache; ``"always"``: every call whose mask is purely causal).
         chunked_loss (`Any`): on an LM-head model: the chunked loss's settings (the speed wing's), or ``None``.
         warned (`set[str]`): warnings given once about this module.
     """

@@ -1,4 +1,4 @@
-"""The fused causal attention kernel for Qwen v1's remote attention (on by default in training forwards).
+"""The fused causal attention kernel for Qwen v1's remote attention (on by default in training calls).
 
 Qwen v1's attention calls ``torch.nn.functional.scaled_dot_product_attention`` with an explicit mask: a boolean
 causal mask, or, when a padding mask is given (``Trainer``'s collators always give one), the additive padding
@@ -15,9 +15,10 @@ With the kernel on, an attention call whose mask can only be the causal pattern 
   shape, dtype and device is seen (one comparison and one host sync), and trusted for the same shape afterwards.
 
 Every other call (a padded batch, generation with a cache, ``output_attentions``, the flash-attn package's own
-path) runs the remote code unchanged. ``prepare_for_lora`` turns the kernel on by default for *training* forwards
-only (the module in training mode, grad enabled): evaluation, ``generate`` and ``chat()`` keep the remote code's
-own path, bit for bit. ``fused_attention=True`` also lets inference calls use it (a prompt without padding);
+path) runs the remote code unchanged. ``prepare_for_lora`` turns the kernel on by default for *training* calls
+only (the module in training mode, keeping no KV cache) without attention dropout (another kernel draws other dropout
+masks): evaluation, ``generate`` and ``chat()`` keep the remote code's own path, bit for bit.
+``fused_attention=True`` also lets inference calls and attention dropout use it (a prompt without padding);
 ``fused_attention=False`` turns it off. Nothing process-wide is touched: the rewrite lives in a
 ``TorchFunctionMode`` entered only around the forward of an opted-in attention module, and it rewrites only the
 SDPA call with that mask; the class-level ``__call__`` wrapper is installed and removed with the model's patch
@@ -55,7 +56,7 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in ATTENTION_CLASS_NAMES]
 
 
-#: When the fused kernel may run: in training forwards only (the default), or in every call it is exact for.
+#: When the fused kernel may run: in training calls only (the default), or in every call it is exact for.
 TRAINING, ALWAYS = "training", "always"
 
 
@@ -66,7 +67,7 @@ def set_fused_attention(
 
     Args:
         model (`torch.nn.Module`): the model.
-        mode (`str`, *optional*): ``"training"`` (forwards of a module in training mode with grad enabled: what
+        mode (`str`, *optional*): ``"training"`` (calls of a module in training mode that keep no KV cache: what
             ``prepare_for_lora`` does by default), ``"always"`` (also inference: ``fused_attention=True``), or
             ``None`` (off).
         wrap (`Callable`): ``wrap(cls, name, wrapper)`` installs a class-level wrapper once (the model's patch
@@ -91,12 +92,22 @@ def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tup
     """wrapt wrapper for the attention's ``__call__``: the causal SDPA rewrite, where it is exact."""
     state = state_of(instance, create=False)
     mode = state.fused_attention if state is not None else None
-    if mode is None or (mode == TRAINING and not (instance.training and torch.is_grad_enabled())):
+    if mode is None or (mode == TRAINING and not _training_call(instance, args, kwargs)):
         return wrapped(*args, **kwargs)
     if not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
         return wrapped(*args, **kwargs)
-    with _CausalAttention():
+    with _CausalAttention(allow_dropout=mode == ALWAYS):
         return wrapped(*args, **kwargs)
+
+
+def _training_call(instance: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A call of a training step: the module in training mode, keeping no KV cache.
+
+    Grad mode cannot tell: reentrant checkpointing runs a block's forward without grad (and its recompute with it),
+    so a block's forward and its recompute would take different kernels; ``generate`` (``chat()`` too) keeps a
+    cache, also in training mode (``chat()`` straight after ``trainer.train()``).
+    """
+    return instance.training and not _argument(type(instance).forward, args, kwargs, "use_cache")
 
 
 @functools.lru_cache(maxsize=None)
@@ -141,12 +152,20 @@ def _masks_nothing(mask: torch.Tensor) -> bool:
 
 
 class _CausalAttention(TorchFunctionMode):
-    """Within one attention forward: the SDPA call whose mask is the causal pattern gets ``is_causal=True``."""
+    """Within one attention forward: the SDPA call whose mask is the causal pattern gets ``is_causal=True``.
+
+    With ``allow_dropout=False`` (the default mode) a call with attention dropout is left alone: another kernel
+    draws other dropout masks, so its result would differ by more than rounding.
+    """
+
+    def __init__(self, allow_dropout: bool = True) -> None:
+        super().__init__()
+        self.allow_dropout = allow_dropout
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
-            rewritten = _causal_arguments(args, kwargs)
+            rewritten = _causal_arguments(args, kwargs, allow_dropout=self.allow_dropout)
             if rewritten is not None:
                 return func(*rewritten[0], **rewritten[1])
         return func(*args, **kwargs)
@@ -155,12 +174,15 @@ class _CausalAttention(TorchFunctionMode):
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _causal_arguments(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-    """SDPA's arguments with the mask replaced by ``is_causal=True``, or ``None`` when that would not be exact."""
+def _causal_arguments(args: tuple, kwargs: dict, allow_dropout: bool = True) -> Optional[tuple[tuple, dict]]:
+    """SDPA's arguments with the mask replaced by ``is_causal=True``, or ``None`` when that would not be exact
+    (or, without ``allow_dropout``, when the call drops attention weights out)."""
     bound = dict(zip(_SDPA_PARAMETERS, args))
     bound.update(kwargs)
     query, key, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
     if bound.get("is_causal") or not all(isinstance(t, torch.Tensor) for t in (query, key, mask)):
+        return None
+    if not allow_dropout and bound.get("dropout_p"):
         return None
     assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(mask, torch.Tensor)
     length = query.shape[-2]
