@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import batch, family_batch, family_lora, lora, lora_grads
+from helpers import batch, family_lora, lora, lora_grads
 from test_trainer import _Rows, _training_arguments
 from torch.overrides import TorchFunctionMode
 
@@ -244,7 +244,6 @@ def test_unpatch_removes_it_and_prepare_without_it_turns_it_off(qwen):
 
 @pytest.mark.parametrize("family_model", ["internlm", "qwen_vl"], indirect=True)
 def test_families_with_the_same_loss_get_it(family_model, tmp_path):
-    from helpers import load_family
 
     family, model, inputs = family_model
     inputs["labels"][0, :4] = -100
