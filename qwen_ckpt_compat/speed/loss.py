@@ -35,10 +35,10 @@ entropy and a ``return_last_logit`` path) and Baichuan2 (a ``NormHead`` and a z-
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import inspect
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -65,7 +65,7 @@ DEFAULT_CHUNK_TOKENS = 1024
 IGNORE_INDEX = -100
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LossLayout:
     """Where an LM-head model keeps the parts of its loss.
 
@@ -86,7 +86,7 @@ LOSS_LAYOUTS: dict = {
 }
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ChunkedLoss:
     """The chunked loss's settings on one model.
 
@@ -115,7 +115,9 @@ def set_chunked_loss(
         return False
     if tokens is not None:
         wrap(cls, "forward", chunked_loss_forward)
-        state_of(model).chunked_loss = ChunkedLoss(tokens, keep_logits)
+        state = state_of(model)
+        assert state is not None  # created
+        state.chunked_loss = ChunkedLoss(tokens, keep_logits)
     else:
         state = state_of(model, create=False)
         if state is not None:
@@ -162,10 +164,12 @@ def chunked_loss_forward(wrapped: Callable, instance: torch.nn.Module, args: tup
     owner = getattr(instance, layout.owner, None) if layout is not None else None
     head = getattr(instance, layout.head, None) if layout is not None else None
     outer = getattr(wrapped, "__func__", wrapped)
-    if owner is None or not _plain_head(head) or not _passes_through(outer, type(owner).forward):
+    signature = _signature(outer)
+    if owner is None or head is None or not _plain_head(head) or not _passes_through(outer, type(owner).forward):
         return wrapped(*args, **kwargs)
+    assert signature is not None  # _passes_through read it
     try:
-        bound = _signature(outer).bind(instance, *args, **kwargs)
+        bound = signature.bind(instance, *args, **kwargs)
     except TypeError:
         return wrapped(*args, **kwargs)  # the remote forward raises its own error
     bound.apply_defaults()
@@ -187,13 +191,16 @@ def chunked_loss_forward(wrapped: Callable, instance: torch.nn.Module, args: tup
         return (loss, logits, *tuple(outputs[1:]))
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    return CausalLMOutputWithPast(
-        loss=loss,
-        logits=logits,
-        past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states,
-        attentions=outputs.attentions,
-    )
+    # The cache's field is `cache` from 5.24 on (`past_key_values` is a deprecated alias there).
+    cache = "cache" if "cache" in _field_names(CausalLMOutputWithPast) else "past_key_values"
+    past = getattr(outputs, "cache" if "cache" in _field_names(type(outputs)) else "past_key_values", None)
+    fields: dict[str, Any] = {"loss": loss, "logits": logits, cache: past}
+    return CausalLMOutputWithPast(**fields, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: Any) -> frozenset:  # type: ignore[misc]
+    return frozenset(field.name for field in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else frozenset()
 
 
 # ------------------------------------------------------------------------------------------ the loss
