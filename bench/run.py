@@ -96,7 +96,7 @@ def modes(budget: str) -> list:
              "no checkpointing, fused attention kernel"),
     ]
     for name, options, text in library:
-        result.append(Mode(name, "qwen", options, description=text))
+        result.append(Mode(name, "qwen", {**options, "fused_attention": False}, description=text))
         result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, text + ", fused attention"))
     result.append(Mode("native_qwen2", "native", description="native Qwen2, same shapes, transformers' own non-reentrant checkpointing"))
     return result

@@ -64,6 +64,7 @@ __all__ = [
     "is_patched",
     "patch_class",
     "set_checkpointing_defaults",
+    "set_chunked_loss",
     "set_fused_attention",
     "switch_over",
     "unpatch",
@@ -382,8 +383,9 @@ def checkpointing_defaults(model: Any) -> Optional[CheckpointRequest]:
     return state.defaults if state is not None else None
 
 
-def set_fused_attention(model: Any, enabled: bool) -> int:
-    """Turns the fused causal attention kernel on or off for a patched model (the speed wing's).
+def set_fused_attention(model: Any, mode: Optional[str]) -> int:
+    """Turns the fused causal attention kernel on (``"training"``, ``"always"``) or off (``None``) for a patched
+    model (the speed wing's).
 
     Returns:
         `int`: how many attention modules of a known kind (Qwen v1's) the model has; 0 means nothing changed.
@@ -394,7 +396,23 @@ def set_fused_attention(model: Any, enabled: bool) -> int:
     def wrap(cls: type, name: str, wrapper: Callable) -> None:
         registry.wrap(cls, name, wrapper, group=group, what="fused causal attention")
 
-    return speed_hooks().set_fused_attention(root, enabled, wrap)
+    return speed_hooks().set_fused_attention(root, mode, wrap)
+
+
+def set_chunked_loss(model: Any, tokens: Optional[int], keep_logits: bool) -> bool:
+    """Turns the chunked loss on (``tokens`` per chunk) or off (``None``) for a patched model (the speed wing's).
+
+    Returns:
+        `bool`: whether the model's LM head computes its loss in a way the speed wing knows; ``False`` means
+        nothing changed.
+    """
+    root = unwrap_model(model)
+    group = _group(find_checkpointing_class(root))
+
+    def wrap(cls: type, name: str, wrapper: Callable) -> None:
+        registry.wrap(cls, name, wrapper, group=group, what="chunked loss")
+
+    return speed_hooks().set_chunked_loss(root, tokens, keep_logits, wrap)
 
 
 def checkpoint_settings(model: Any) -> Optional[CheckpointSettings]:
@@ -404,8 +422,13 @@ def checkpoint_settings(model: Any) -> Optional[CheckpointSettings]:
     ``post_init`` ran first; its settings are found there when the model itself has none.
     """
     root = unwrap_model(model)
-    for module in root.modules():
-        state = existing_state(module)
-        if state is not None and state.settings is not None:
-            return state.settings
-    return None
+    states = [state for state in map(existing_state, root.modules()) if state]
+    settings = next((state.settings for state in states if state.settings is not None), None)
+    if settings is None:
+        return None
+    loss = existing_state(root)
+    return replace(
+        settings,
+        fused_attention=any(state.fused_attention is not None for state in states),
+        chunked_loss=getattr(loss.chunked_loss, "tokens", None) if loss is not None else None,
+    )

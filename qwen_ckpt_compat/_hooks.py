@@ -8,7 +8,7 @@ speed options). A wing replaces one of them with an object of its own when it is
   classes swapped by an engine, input-casting hooks, an engine's own activation checkpointing, layers whose
   activations non-reentrant checkpointing cannot free;
 * :func:`speed_hooks` (a :class:`SpeedHooks`), filled by :mod:`qwen_ckpt_compat.speed`: the memory budget, selective
-  recompute and the fused attention kernel.
+  recompute, the fused attention kernel and the chunked loss.
 
 The families wing registers into :mod:`qwen_ckpt_compat._family_registry` instead.
 
@@ -107,9 +107,21 @@ class SpeedHooks:
     def stop_planning(self, model: Any, blocks: list, forget: bool) -> None:
         """Stops planning ``blocks``; ``forget`` drops the plans too (else a re-enable keeps them)."""
 
-    def set_fused_attention(self, model: Any, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
-        """Turns the fused attention kernel on or off; returns how many attention modules of a known kind exist."""
+    def set_fused_attention(
+        self, model: Any, mode: Optional[str], wrap: Callable[[type, str, Callable], None]
+    ) -> int:
+        """Turns the fused attention kernel on (``mode`` ``"training"`` or ``"always"``) or off (``None``).
+
+        Returns how many attention modules of a known kind ``model`` has.
+        """
         return 0
+
+    def set_chunked_loss(
+        self, model: Any, tokens: Optional[int], keep_logits: bool, wrap: Callable[[type, str, Callable], None]
+    ) -> bool:
+        """Turns the chunked loss on (``tokens`` per chunk) or off (``None``); returns whether the LM head of
+        ``model`` computes its loss in a way the speed wing knows."""
+        return False
 
 
 _installed: dict = {"engines": EngineHooks(), "speed": SpeedHooks()}

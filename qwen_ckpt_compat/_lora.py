@@ -16,6 +16,7 @@ from ._class_patch import (
     enable_routed_checkpointing,
     is_patched,
     set_checkpointing_defaults,
+    set_chunked_loss,
     set_fused_attention,
 )
 from ._detection import is_old_checkpointing_api, unwrap_model
@@ -45,7 +46,9 @@ def prepare_for_lora(
     offload: bool = False,
     memory_budget: Union[int, str, None] = None,
     selective: bool = False,
-    fused_attention: bool = False,
+    fused_attention: Optional[bool] = None,
+    chunked_loss: Union[bool, int] = False,
+    keep_logits: bool = False,
 ) -> Any:
     """Gets a model ready for LoRA training with gradient checkpointing, on any transformers release.
 
@@ -94,10 +97,25 @@ def prepare_for_lora(
             live in pinned host memory (about 0.65 GiB per Qwen-7B block at 8,192 tokens), copied while the
             forward goes on: at 8,192 tokens the step is 0.86x full checkpointing's at the same GPU peak (H200).
             At short sequences it is slower (1.5x at 2,048 tokens); see ``qwen_ckpt_compat.speed.selective``.
-        fused_attention (`bool`, *optional*, defaults to `False`):
+        fused_attention (`bool`, *optional*):
             Let Qwen v1's attention use SDPA's fused causal (flash) kernel where its mask is purely causal (no
             padding, no KV cache); everywhere else its own masked path runs. Same attention up to rounding; see
-            ``qwen_ckpt_compat.speed.attention``.
+            ``qwen_ckpt_compat.speed.attention``. Not given: on in training calls (module in training mode, no KV
+            cache, no attention dropout), so that evaluation, ``generate`` and ``chat()`` run the remote code's
+            own path; no warning where the model has no attention of a known kind. `True`: also in inference calls
+            and with attention dropout (warns where it cannot apply). `False`: off.
+        chunked_loss (`bool` or `int`, *optional*, defaults to `False`):
+            In a training forward given ``labels``, compute the LM head and the cross-entropy by chunks of tokens
+            (`True`: 1,024 tokens; an `int`: that many), recomputing each chunk's logits in the backward pass,
+            so that the whole ``[tokens, vocab]`` logits never exist. Same loss and gradients up to rounding (the
+            cross-entropy is computed in float32). The step's output then has ``logits=None`` (unless
+            ``keep_logits``). Liger-Kernel's fused kernel is used where it is installed and the model is on CUDA.
+            Qwen v1, Qwen-VL and InternLM v1; other models warn and keep their own loss. See
+            ``qwen_ckpt_compat.speed.loss``.
+        keep_logits (`bool`, *optional*, defaults to `False`):
+            With ``chunked_loss``: also return the logits of a chunked step, computed in the same pass but
+            detached (no gradient flows through them; for metrics such as token accuracy). Costs the memory of
+            the whole logits again.
 
     Returns:
         The same ``model``.
@@ -124,6 +142,7 @@ def prepare_for_lora(
     validate_bool("use_gradient_checkpointing", use_gradient_checkpointing)
     request = _validated_request(gradient_checkpointing_kwargs, every_n_layers, offload)
     request = _with_speed_options(root, request, memory_budget, selective, fused_attention)
+    loss_tokens = _validated_chunked_loss(chunked_loss, keep_logits)
     if use_gradient_checkpointing and not getattr(root, "supports_gradient_checkpointing", False):
         raise CheckpointingNotSupportedError(
             f"{type(root).__qualname__} (from {type(root).__module__}) does not support gradient checkpointing "
@@ -146,6 +165,7 @@ def prepare_for_lora(
         patch(root)
         set_checkpointing_defaults(root, request)
         _set_fused_attention(root, fused_attention)
+        _set_chunked_loss(root, chunked_loss, loss_tokens, keep_logits)
         if use_gradient_checkpointing:
             enable_routed_checkpointing(root, function=kept)
             if kept is not None and offload:
@@ -154,7 +174,7 @@ def prepare_for_lora(
             disable_routed_checkpointing(root)
     elif use_gradient_checkpointing:
         request = replace(request, kwargs={**DEFAULT_CHECKPOINT_KWARGS, **(request.kwargs or {})})
-        native_request = _native_request(root, request, fused_attention)
+        native_request = _native_request(root, request, fused_attention, chunked_loss)
         if kept is None:
             _call_enable(root, native_request)
         elif every_n_layers != 1 or offload:
@@ -181,11 +201,16 @@ def _validated_request(kwargs: Any, every_n_layers: Any, offload: Any) -> Checkp
 
 
 def _with_speed_options(
-    root: Any, request: CheckpointRequest, memory_budget: Union[int, str, None], selective: bool, fused_attention: bool
+    root: Any,
+    request: CheckpointRequest,
+    memory_budget: Union[int, str, None],
+    selective: bool,
+    fused_attention: Optional[bool],
 ) -> CheckpointRequest:
     """Validates ``memory_budget``, ``selective`` and ``fused_attention``; adds the first two to ``request``."""
     validate_bool("selective", selective)
-    validate_bool("fused_attention", fused_attention)
+    if fused_attention is not None:
+        validate_bool("fused_attention", fused_attention)
     if memory_budget is not None and (request.every_n_layers != 1 or request.offload):
         speed_hooks().validate(root, memory_budget, False)  # an unreadable budget is reported first
         raise ValueError(
@@ -201,8 +226,40 @@ def _with_speed_options(
     return replace(request, memory_budget=budget, selective=selective or None)
 
 
-def _set_fused_attention(root: Any, enabled: bool) -> None:
-    if set_fused_attention(root, enabled) == 0 and enabled:
+#: Tokens per chunk for ``chunked_loss=True`` (the speed wing's ``DEFAULT_CHUNK_TOKENS``; the core cannot import it).
+DEFAULT_CHUNK_TOKENS = 1024
+
+
+def _validated_chunked_loss(chunked_loss: Any, keep_logits: Any) -> Optional[int]:
+    """Tokens per chunk (``None``: off), from ``chunked_loss`` (a bool or a positive int)."""
+    validate_bool("keep_logits", keep_logits)
+    if isinstance(chunked_loss, bool):
+        return DEFAULT_CHUNK_TOKENS if chunked_loss else None
+    if not isinstance(chunked_loss, int):
+        raise TypeError(
+            f"chunked_loss must be a bool or a number of tokens per chunk (int), got {type(chunked_loss).__name__}: "
+            f"{chunked_loss!r:.60}"
+        )
+    if chunked_loss < 1:
+        raise ValueError(f"chunked_loss must be a positive number of tokens per chunk, got {chunked_loss}")
+    return chunked_loss
+
+
+def _set_chunked_loss(root: Any, chunked_loss: Any, tokens: Optional[int], keep_logits: bool) -> None:
+    if not set_chunked_loss(root, tokens, keep_logits) and tokens is not None:
+        warnings.warn(
+            f"chunked_loss={chunked_loss!r}: {type(root).__qualname__} computes its loss in a way this library does not "
+            "chunk (it knows Qwen v1's, Qwen-VL's and InternLM v1's: ChatGLM's is sequence-first in float32, "
+            "Baichuan2's has a NormHead and a z-loss); its forward runs unchanged.",
+            CompatWarning,
+            stacklevel=3,
+        )
+
+
+def _set_fused_attention(root: Any, fused_attention: Optional[bool]) -> None:
+    # Not given: on for training forwards, silently where nothing is known. True: also inference, and a warning.
+    mode = None if fused_attention is False else ("always" if fused_attention else "training")
+    if set_fused_attention(root, mode) == 0 and fused_attention:
         warnings.warn(
             f"fused_attention=True: {type(root).__qualname__} has no attention module of a kind this library knows "
             "(Qwen v1's QWenAttention); its attention runs unchanged.",
@@ -211,13 +268,20 @@ def _set_fused_attention(root: Any, enabled: bool) -> None:
         )
 
 
-def _native_request(root: Any, request: CheckpointRequest, fused_attention: bool) -> CheckpointRequest:
+def _native_request(
+    root: Any, request: CheckpointRequest, fused_attention: Optional[bool], chunked_loss: Any
+) -> CheckpointRequest:
     """The request for a native model: selective recompute goes in as ``context_fn``; the rest is not ours to do."""
-    ignored = [name for name, value in (("memory_budget", request.memory_budget), ("fused_attention", fused_attention)) if value]
+    options = (
+        ("memory_budget", request.memory_budget),
+        ("fused_attention", fused_attention),  # not given (None): no warning
+        ("chunked_loss", chunked_loss),
+    )
+    ignored = [name for name, value in options if value]
     if ignored:
         warnings.warn(
             f"{', '.join(ignored)}: only for old remote-code models; {type(root).__qualname__} uses transformers' own "
-            "checkpointing and attention, unchanged.",
+            "checkpointing, attention and loss, unchanged.",
             CompatWarning,
             stacklevel=3,
         )

@@ -34,7 +34,9 @@ class State:
         before_blocks (`Callable`, *optional*): on the first block: called before each training forward.
         engine_checkpoints (`bool`): on a block: an engine's own activation checkpointing wraps it.
         checkpoint_forward (`bool`): on a block, during one call: checkpoint ``forward`` inside the engine's hooks.
-        fused_attention (`bool`): on an attention module: the fused causal kernel is on.
+        fused_attention (`str`, *optional*): on an attention module: when the fused causal kernel may run
+            (``"training"``: training calls only, no KV cache; ``"always"``: every call whose mask is purely causal).
+        chunked_loss (`Any`): on an LM-head model: the chunked loss's settings (the speed wing's), or ``None``.
         warned (`set[str]`): warnings given once about this module.
     """
 
@@ -47,7 +49,8 @@ class State:
     before_blocks: Optional[Callable[..., None]] = None
     engine_checkpoints: bool = False
     checkpoint_forward: bool = False
-    fused_attention: bool = False
+    fused_attention: Optional[str] = None
+    chunked_loss: Any = None
     warned: set = field(default_factory=set)
 
     def warn_once(self, key: str) -> bool:

@@ -91,6 +91,10 @@ class CheckpointSettings:
         memory_budget (`int`, *optional*): bytes; which blocks are checkpointed is then planned during training
             (``memory_plan(model)``).
         selective (`bool`): checkpointed blocks keep their attention and projection outputs (``kwargs["context_fn"]``).
+        fused_attention (`bool`): the fused causal attention kernel is on for the model's attention modules (as
+            read by ``checkpoint_settings``).
+        chunked_loss (`int`, *optional*): tokens per chunk of the chunked loss, when it is on (as read by
+            ``checkpoint_settings``).
     """
 
     function: Callable[..., Any]
@@ -100,6 +104,8 @@ class CheckpointSettings:
     kwargs: Optional[dict] = None
     memory_budget: Optional[int] = None
     selective: bool = False
+    fused_attention: bool = False
+    chunked_loss: Optional[int] = None
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -231,13 +231,17 @@ def _runs(model, inputs) -> list:
 
 
 def _block_bytes(model, inputs, selective: bool = False) -> int:
+    """One block's bytes, measured the way the planner does it: a training call, the fused attention kernel on (as
+    prepare_for_lora leaves it by default)."""
     blocks = [m for m in model.modules() if type(m).__name__ == "QWenBlock"]
     captured: dict = {}
     handle = blocks[1].register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)
+    prepare_for_lora(model, use_gradient_checkpointing=False)
     model.eval()
     with torch.no_grad():
         model(**inputs)
     handle.remove()
+    model.train()
     measured = probe_block(blocks[1], blocks[1].__call__, captured["args"], {**captured["kwargs"], "use_cache": False},
                            selective=selective)
     return measured.selective_bytes if selective else measured.block_bytes
@@ -296,6 +300,24 @@ def test_plan_gives_the_same_gradients(four_blocks, device):
     device.peak = device.allocated_bytes + 5 * a
     assert max_relative_difference(step_grads(model, inputs), reference) <= 1e-5
     assert memory_plan(model).decisions == (CHECKPOINT,) * 3 + (KEEP,)
+
+
+def test_the_plan_and_its_gradients_with_the_chunked_loss(four_blocks, device):
+    """The loss runs outside the probed blocks: the same block bytes and plan; the measured step's peak (the floor)
+    is taken with the chunked loss in place; the gradients are those of the plain loss."""
+    inputs = batch()
+    model = lora(four_blocks)
+    reference = step_grads(model, inputs)
+    a = _block_bytes(model, inputs)
+    prepare_for_lora(model, memory_budget=_budget_for(2.5, a, device.allocated_bytes, 5 * a), chunked_loss=5)
+    assert checkpoint_settings(model).chunked_loss == 5
+    assert _runs(model, inputs) == [3, 2, 2, 2], "the measuring step, with the chunked loss"
+    device.peak = device.allocated_bytes + 5 * a
+    assert _runs(model, inputs) == [2, 2, 1, 1]
+    plan = memory_plan(model)
+    assert plan.decisions == (CHECKPOINT, CHECKPOINT, KEEP, KEEP) and plan.measurement.block_bytes == a
+    assert model(**inputs).logits is None, "the chunked loss ran"
+    assert max_relative_difference(step_grads(model, inputs), reference) <= 1e-5
 
 
 def test_a_longer_sequence_is_measured_again_and_a_shorter_one_reuses_the_plan(four_blocks, device):

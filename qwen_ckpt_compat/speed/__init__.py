@@ -2,7 +2,8 @@
 
 * :mod:`.budget`: ``memory_budget=`` plans which decoder blocks to checkpoint from measurements;
 * :mod:`.selective`: ``selective=True`` keeps the outputs of a checkpointed block's expensive operators;
-* :mod:`.attention`: ``fused_attention=True`` lets Qwen v1's attention use SDPA's fused causal kernel.
+* :mod:`.attention`: ``fused_attention`` (on by default) lets Qwen v1's attention use SDPA's fused causal kernel;
+* :mod:`.loss`: ``chunked_loss=`` computes the LM head and the cross-entropy by chunks of tokens.
 
 The core never imports this package: it asks :class:`qwen_ckpt_compat._hooks.SpeedHooks`, which this package
 fills in when it is imported (the package ``__init__`` names it among the wings).
@@ -15,9 +16,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from .. import _hooks
-from . import attention, budget, selective
+from . import attention, budget, loss, selective
 
-__all__ = ["attention", "budget", "selective"]
+__all__ = ["attention", "budget", "loss", "selective"]
 
 
 class _Speed(_hooks.SpeedHooks):
@@ -55,8 +56,15 @@ class _Speed(_hooks.SpeedHooks):
     def stop_planning(self, model: Any, blocks: list, forget: bool) -> None:
         budget.detach(model, blocks, forget)
 
-    def set_fused_attention(self, model: Any, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
-        return attention.set_fused_attention(model, enabled, wrap)
+    def set_fused_attention(
+        self, model: Any, mode: Optional[str], wrap: Callable[[type, str, Callable], None]
+    ) -> int:
+        return attention.set_fused_attention(model, mode, wrap)
+
+    def set_chunked_loss(
+        self, model: Any, tokens: Optional[int], keep_logits: bool, wrap: Callable[[type, str, Callable], None]
+    ) -> bool:
+        return loss.set_chunked_loss(model, tokens, keep_logits, wrap)
 
 
 _hooks.set_speed_hooks(_Speed())

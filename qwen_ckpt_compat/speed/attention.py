@@ -1,4 +1,4 @@
-"""The fused causal attention kernel for Qwen v1's remote attention (opt-in: ``fused_attention=True``).
+"""The fused causal attention kernel for Qwen v1's remote attention (on by default in training calls).
 
 Qwen v1's attention calls ``torch.nn.functional.scaled_dot_product_attention`` with an explicit mask: a boolean
 causal mask, or, when a padding mask is given (``Trainer``'s collators always give one), the additive padding
@@ -6,7 +6,7 @@ mask expanded to ``(batch, 1, q, q)`` with the causal part filled in. An explici
 kernel, which only does the causal pattern itself (``is_causal=True``); at 8,192 tokens that is the difference
 between Qwen v1 and a native Qwen2 model of the same shape.
 
-With the option on, an attention call whose mask can only be the causal pattern runs SDPA with
+With the kernel on, an attention call whose mask can only be the causal pattern runs SDPA with
 ``attn_mask=None, is_causal=True`` instead. That is the case when
 
 * no KV cache is in play (``layer_past`` is ``None``), so queries and keys line up (the mask is ``q x q``);
@@ -15,14 +15,18 @@ With the option on, an attention call whose mask can only be the causal pattern 
   shape, dtype and device is seen (one comparison and one host sync), and trusted for the same shape afterwards.
 
 Every other call (a padded batch, generation with a cache, ``output_attentions``, the flash-attn package's own
-path) runs the remote code unchanged. Nothing process-wide is touched: the rewrite lives in a
+path) runs the remote code unchanged. ``prepare_for_lora`` turns the kernel on by default for *training* calls
+only (the module in training mode, keeping no KV cache) without attention dropout (another kernel draws other dropout
+masks): evaluation, ``generate`` and ``chat()`` keep the remote code's own path, bit for bit.
+``fused_attention=True`` also lets inference calls and attention dropout use it (a prompt without padding);
+``fused_attention=False`` turns it off. Nothing process-wide is touched: the rewrite lives in a
 ``TorchFunctionMode`` entered only around the forward of an opted-in attention module, and it rewrites only the
 SDPA call with that mask; the class-level ``__call__`` wrapper is installed and removed with the model's patch
 (:func:`qwen_ckpt_compat.patch` / :func:`~qwen_ckpt_compat.unpatch`), through the patch registry.
 
-The result is mathematically the same attention (masked scores get zero weight either way), but a different
-kernel computes it, so the numbers agree to rounding, not bit for bit: that is why this is an option, not the
-default.
+The result is mathematically the same attention (masked scores get zero weight either way), computed by a
+different kernel: the numbers agree to rounding, not bit for bit (float32 on the CPU: outputs and LoRA gradients
+within 1e-6 of the masked path on the tiny Qwen v1 and Qwen-VL models, tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from torch.overrides import TorchFunctionMode
 
 from .._model_state import existing_state, state_of
 
-__all__ = ["ATTENTION_CLASS_NAMES", "attention_modules", "fused_attention_call", "set_fused_attention"]
+__all__ = ["ALWAYS", "ATTENTION_CLASS_NAMES", "TRAINING", "attention_modules", "fused_attention_call", "set_fused_attention"]
 
 #: Remote attention classes whose SDPA mask is known (Qwen v1, Qwen-VL and Qwen-Audio share it).
 ATTENTION_CLASS_NAMES: tuple[str, ...] = ("QWenAttention",)
@@ -52,19 +56,32 @@ def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in model.modules() if type(module).__name__ in ATTENTION_CLASS_NAMES]
 
 
-def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[type, str, Callable], None]) -> int:
+#: When the fused kernel may run: in training calls only (the default), or in every call it is exact for.
+TRAINING, ALWAYS = "training", "always"
+
+
+def set_fused_attention(
+    model: torch.nn.Module, mode: Optional[str], wrap: Callable[[type, str, Callable], None]
+) -> int:
     """Turns the fused kernel on or off for the attention modules of ``model``; returns how many there are.
 
-    ``wrap(cls, name, wrapper)`` installs a class-level wrapper once (the model's patch registry, so that
-    ``unpatch`` removes it).
+    Args:
+        model (`torch.nn.Module`): the model.
+        mode (`str`, *optional*): ``"training"`` (calls of a module in training mode that keep no KV cache: what
+            ``prepare_for_lora`` does by default), ``"always"`` (also inference: ``fused_attention=True``), or
+            ``None`` (off).
+        wrap (`Callable`): ``wrap(cls, name, wrapper)`` installs a class-level wrapper once (the model's patch
+            registry, so that ``unpatch`` removes it).
     """
+    if mode not in (None, TRAINING, ALWAYS):
+        raise ValueError(f"fused attention mode must be None, {TRAINING!r} or {ALWAYS!r}, got {mode!r}")
     modules = attention_modules(model)
     for module in modules:
-        if enabled:
+        if mode is not None:
             wrap(type(module), "__call__", fused_attention_call)
-        state = state_of(module) if enabled else existing_state(module)
+        state = state_of(module) if mode is not None else existing_state(module)
         if state is not None:
-            state.fused_attention = enabled
+            state.fused_attention = mode
     return len(modules)
 
 
@@ -74,10 +91,23 @@ def set_fused_attention(model: torch.nn.Module, enabled: bool, wrap: Callable[[t
 def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for the attention's ``__call__``: the causal SDPA rewrite, where it is exact."""
     state = existing_state(instance)
-    if state is None or not state.fused_attention or not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
+    mode = state.fused_attention if state is not None else None
+    if mode is None or (mode == TRAINING and not _training_call(instance, args, kwargs)):
         return wrapped(*args, **kwargs)
-    with _CausalAttention():
+    if not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
         return wrapped(*args, **kwargs)
+    with _CausalAttention(allow_dropout=mode == ALWAYS):
+        return wrapped(*args, **kwargs)
+
+
+def _training_call(instance: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
+    """A call of a training step: the module in training mode, keeping no KV cache.
+
+    Grad mode cannot tell: reentrant checkpointing runs a block's forward without grad (and its recompute with it),
+    so a block's forward and its recompute would take different kernels; ``generate`` (``chat()`` too) keeps a
+    cache, also in training mode (``chat()`` straight after ``trainer.train()``).
+    """
+    return instance.training and not _argument(type(instance).forward, args, kwargs, "use_cache")
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,12 +152,20 @@ def _masks_nothing(mask: torch.Tensor) -> bool:
 
 
 class _CausalAttention(TorchFunctionMode):
-    """Within one attention forward: the SDPA call whose mask is the causal pattern gets ``is_causal=True``."""
+    """Within one attention forward: the SDPA call whose mask is the causal pattern gets ``is_causal=True``.
+
+    With ``allow_dropout=False`` (the default mode) a call with attention dropout is left alone: another kernel
+    draws other dropout masks, so its result would differ by more than rounding.
+    """
+
+    def __init__(self, allow_dropout: bool = True) -> None:
+        super().__init__()
+        self.allow_dropout = allow_dropout
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
         if func is _SDPA:
-            rewritten = _causal_arguments(args, kwargs)
+            rewritten = _causal_arguments(args, kwargs, allow_dropout=self.allow_dropout)
             if rewritten is not None:
                 return func(*rewritten[0], **rewritten[1])
         return func(*args, **kwargs)
@@ -136,12 +174,15 @@ class _CausalAttention(TorchFunctionMode):
 _SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-def _causal_arguments(args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
-    """SDPA's arguments with the mask replaced by ``is_causal=True``, or ``None`` when that would not be exact."""
+def _causal_arguments(args: tuple, kwargs: dict, allow_dropout: bool = True) -> Optional[tuple[tuple, dict]]:
+    """SDPA's arguments with the mask replaced by ``is_causal=True``, or ``None`` when that would not be exact
+    (or, without ``allow_dropout``, when the call drops attention weights out)."""
     bound = dict(zip(_SDPA_PARAMETERS, args))
     bound.update(kwargs)
     query, key, mask = bound.get("query"), bound.get("key"), bound.get("attn_mask")
     if bound.get("is_causal") or not all(isinstance(t, torch.Tensor) for t in (query, key, mask)):
+        return None
+    if not allow_dropout and bound.get("dropout_p"):
         return None
     assert isinstance(query, torch.Tensor) and isinstance(key, torch.Tensor) and isinstance(mask, torch.Tensor)
     length = query.shape[-2]
