@@ -98,6 +98,12 @@ def modes(budget: str) -> list:
     for name, options, text in library:
         result.append(Mode(name, "qwen", {**options, "fused_attention": False}, description=text))
         result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, text + ", fused attention"))
+    result += [
+        Mode("default", "qwen", {}, "prepare_for_lora(model): every block, non-reentrant, fused attention in training"),
+        Mode("default+chunked", "qwen", {"chunked_loss": True}, "the default, chunked loss (1,024 tokens a chunk)"),
+        Mode("default+chunked+offload", "qwen", {"chunked_loss": True, "offload": True},
+             "the default, chunked loss, block inputs offloaded to pinned host memory"),
+    ]
     result.append(Mode("native_qwen2", "native", description="native Qwen2, same shapes, transformers' own non-reentrant checkpointing"))
     return result
 
@@ -331,7 +337,8 @@ def _plan_dict(plan: Any) -> dict:
 #: The setups whose longest trainable sequence ``--longest`` searches: (kind, prepare_for_lora options).
 LONGEST = {
     "default": ("qwen", {}),
-    "leanest": ("qwen", {"offload": True}),  # every block checkpointed, its input offloaded; fused attention
+    # every block checkpointed, its input offloaded; fused attention; the loss by chunks
+    "leanest": ("qwen", {"offload": True, "chunked_loss": True}),
     "native_qwen2": ("native", None),
 }
 
