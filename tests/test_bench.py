@@ -18,7 +18,7 @@ QWEN_MODES = [
     f"{name}{suffix}"
     for name in ("no_checkpointing", "reentrant", "non_reentrant", "every_2nd", "offload", "budget", "selective")
     for suffix in ("", "+fused")
-]
+] + ["default", "default+chunked", "default+chunked+offload"]
 
 pytestmark = pytest.mark.release_independent
 
