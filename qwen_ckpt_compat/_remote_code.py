@@ -41,7 +41,7 @@ __all__ = [
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 _OWN = ("self", "self.__class__", "cls")
 _TRY = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))
-_PARSING = threading.Lock()
+_PARSING = threading.RLock()
 _ANALYSING = threading.Lock()  # held while a file's lazy imports are read: each code is read once
 _ANALYSED: dict = {}  # sha256 of a file's bytes -> its lazily imported packages
 
@@ -50,6 +50,11 @@ def parse(source: str, filename: str) -> ast.Module:
     """``ast.parse``, one thread at a time."""
     with _PARSING:
         return ast.parse(source, filename=filename)
+
+
+def parsing() -> Any:
+    """The lock :func:`parse` holds: for code that runs CPython's parser otherwise (transformers' ``get_imports``)."""
+    return _PARSING
 
 
 def lazily_imported_packages(filename: Optional[str]) -> frozenset:

@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from .._patches import registry
-from .._remote_code import lazily_imported_packages
+from .._remote_code import lazily_imported_packages, parsing
 from .._versions import installed_version
 from ..errors import StreamingUnavailableError
 from ._classes import REPAIRS
@@ -106,7 +106,9 @@ def check_imports(check: Callable[..., Any], module: Any, filename: str) -> Any:
     if problem is None:
         return check(filename)
     missing = []
-    for name in module.get_imports(filename):
+    with parsing():  # transformers' get_imports runs ast.parse: never beside this library's own parsing
+        names = module.get_imports(filename)
+    for name in names:
         if name == STREAM_PACKAGE:
             continue
         try:
