@@ -212,6 +212,25 @@ def _settings_for(model: torch.nn.Module, function: Optional[Callable], every_n_
     return resolve(model, request.over(CheckpointRequest(every_n_layers=every_n_layers)), stacklevel=5)
 
 
+def _why_no_blocks(model: torch.nn.Module, owners: list) -> str:
+    """Why ``model`` has no decoder block to route: what its ``_no_split_modules`` says, and what the model holds."""
+    model_name = type(model).__qualname__
+    names = decoder_block_names(model)
+    if not names:
+        return f"{model_name} sets no `_no_split_modules`, which is where the library finds the decoder blocks"
+    listed = ", ".join(names)
+    present = {own_class(module).__name__ for module in model.modules()} & set(names)
+    if not present:
+        return f"{model_name}'s `_no_split_modules` names {listed}, but the model holds no module of that class"
+    if not owners:
+        return f"{model_name}'s `_no_split_modules` names {listed}, but its remote code checkpoints no module"
+    under = ", ".join(dict.fromkeys(own_class(owner).__name__ for owner in owners))
+    return (
+        f"{model_name}'s `_no_split_modules` names {listed}, and the model holds {', '.join(sorted(present))}, "
+        f"but none of them is under {under}, the module its remote code checkpoints"
+    )
+
+
 def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_layers: Optional[int]) -> None:
     original = _original_method(model)
     owners, groups = _layout(model, original)
@@ -235,7 +254,7 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
     _checkpoint_layer.route(model, [], [], replace(settings, use_reentrant=True))
     if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload or settings.memory_budget:
         warnings.warn(
-            f"{type(model).__qualname__} names no decoder blocks in `_no_split_modules`, so its remote code "
+            f"{_why_no_blocks(model, owners)}, so its remote code "
             f"checkpoints itself, reentrantly and every layer; {settings.kwargs}, every_n_layers="
             f"{settings.every_n_layers}, offload={settings.offload} and memory_budget={settings.memory_budget} "
             "cannot be honoured.",

@@ -56,9 +56,10 @@ def prepare_for_lora(
     ``(module, value)``) this patches the model's classes (see :func:`qwen_ckpt_compat.patch`), makes the
     given options the model's default for later enable calls that express no preference (``Trainer`` re-enables
     checkpointing itself), and enables checkpointing. Native transformers models are handed to transformers'
-    own ``gradient_checkpointing_enable`` with the same options. In both cases ``config.use_cache`` is turned
-    off and, when the checkpointing in effect is reentrant, the input embeddings' output is made to require
-    grad so that gradients reach adapters behind a frozen base.
+    own ``gradient_checkpointing_enable`` with the same options. In both cases, when the checkpointing in effect
+    is reentrant, the input embeddings' output is made to require grad so that gradients reach adapters behind a
+    frozen base. ``config.use_cache`` is left as it is, so that a saved model generates with its cache: while
+    blocks are checkpointed in training the cache is off anyway (the blocks' owner, or transformers, turns it off).
 
     Works before or after ``peft.get_peft_model``; calling it again is harmless (no second hook, no double
     wrapping; the latest options win).
@@ -184,9 +185,6 @@ def prepare_for_lora(
             root.enable_input_require_grads()
     elif any(getattr(module, "gradient_checkpointing", False) is True for module in root.modules()):
         getattr(root, capabilities().enable_method_name.replace("enable", "disable"))()
-    config = getattr(root, "config", None)
-    if config is not None and getattr(config, "use_cache", False):
-        config.use_cache = False
     return model
 
 

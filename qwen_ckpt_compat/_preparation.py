@@ -8,11 +8,16 @@
 Each applies the class patch (:mod:`qwen_ckpt_compat._class_patch`), the repairs (:mod:`qwen_ckpt_compat._repairs`)
 and the model's family's own repairs (:mod:`qwen_ckpt_compat._family_registry`), in that order. Native classes and
 new-API remote code are left alone.
+
+Preparing holds a lock: two threads loading remote code at once (the same folder, or two folders of one code)
+never interleave their checks and installs on a class, and a thread never goes on with a class that another
+thread is still preparing.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 from . import _class_patch
@@ -36,6 +41,8 @@ from ._repairs.weights import (
 )
 
 __all__ = ["patch", "prepare_class", "prepare_loaded_model", "prepare_model", "restore_removed_apis"]
+
+_PREPARING = threading.RLock()
 
 
 def restore_removed_apis(cls: type) -> list[str]:
@@ -74,6 +81,11 @@ def prepare_class(cls: type) -> list:
     Returns:
         `list[str]`: what was installed now.
     """
+    with _PREPARING:
+        return _prepare_class(cls)
+
+
+def _prepare_class(cls: type) -> list:
     from transformers import PretrainedConfig, PreTrainedModel
 
     if not isinstance(cls, type) or is_transformers_class(cls):
@@ -105,6 +117,11 @@ def prepare_model(model: Any) -> list:
     Returns:
         `list[str]`: what was repaired now.
     """
+    with _PREPARING:
+        return _prepare_model(model)
+
+
+def _prepare_model(model: Any) -> list:
     repaired = restore_removed_apis(type(model))
     config = getattr(model, "config", None)
     if config is not None and family_of(type(config)) is not None:

@@ -19,7 +19,7 @@ is not safe to run from two threads at once (seen: ``SystemError: AST constructo
 from __future__ import annotations
 
 import ast
-import functools
+import hashlib
 import os
 import threading
 from dataclasses import dataclass, field
@@ -41,7 +41,9 @@ __all__ = [
 _FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
 _OWN = ("self", "self.__class__", "cls")
 _TRY = tuple(getattr(ast, name) for name in ("Try", "TryStar") if hasattr(ast, name))
-_PARSING = threading.Lock()
+_PARSING = threading.RLock()
+_ANALYSING = threading.Lock()  # held while a file's lazy imports are read: each code is read once
+_ANALYSED: dict = {}  # sha256 of a file's bytes -> its lazily imported packages
 
 
 def parse(source: str, filename: str) -> ast.Module:
@@ -50,20 +52,40 @@ def parse(source: str, filename: str) -> ast.Module:
         return ast.parse(source, filename=filename)
 
 
+def parsing() -> Any:
+    """The lock :func:`parse` holds: for code that runs CPython's parser otherwise (transformers' ``get_imports``)."""
+    return _PARSING
+
+
 def lazily_imported_packages(filename: Optional[str]) -> frozenset:
     """Top-level packages a ``.py`` file imports inside function bodies and nowhere at module level.
 
-    Read once per file and modification time; an unreadable or missing file imports nothing.
+    Each distinct code is analysed once per process, under a lock: the same file in many folders (transformers
+    copies a model's code into its module cache; every copy of a model has it), or loaded from several threads at
+    once, is read once. A file that is missing, unreadable or not valid Python imports nothing here (loading it
+    then fails where transformers reads it).
     """
     if not filename or not filename.endswith(".py") or not os.path.isfile(filename):
         return frozenset()
-    return _lazily_imported(filename, os.path.getmtime(filename))
+    try:
+        source = Path(filename).read_bytes()
+    except OSError:
+        return frozenset()
+    key = hashlib.sha256(source).digest()
+    with _ANALYSING:
+        packages = _ANALYSED.get(key)
+        if packages is None:
+            packages = _ANALYSED[key] = _lazily_imported(filename, source)
+    return packages
 
 
-@functools.lru_cache(maxsize=256)
-def _lazily_imported(filename: str, mtime: float) -> frozenset:
+def _lazily_imported(filename: str, source: bytes) -> frozenset:
     path = Path(filename)
-    facts = _read_module(path.stem, path, parse(path.read_text(encoding="utf-8"), filename))
+    try:
+        tree = parse(source.decode("utf-8"), filename)
+    except (UnicodeDecodeError, SyntaxError, ValueError):
+        return frozenset()
+    facts = _read_module(path.stem, path, tree)
     inside = {item.package for item in facts.imports if item.lazy and item.package}
     outside = {item.package for item in facts.imports if not item.lazy and item.package}
     return frozenset(inside - outside)

@@ -93,10 +93,42 @@ def test_non_reentrant_adds_no_input_hook_and_switching_removes_ours(qwen):
     assert _input_hooks(qwen) == before
 
 
-def test_use_cache_is_turned_off_in_the_config(qwen):
-    assert qwen.config.use_cache is True
-    prepare_for_lora(qwen)
-    assert qwen.config.use_cache is False
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_prepared_trained_saved_model_keeps_its_use_cache(tmp_path, use_cache):
+    """Issue 18, item 7b: the saved config said `use_cache: false`, and the reloaded model generated without cache.
+
+    Training checkpointed runs without the cache all the same (the block owner turns it off, see
+    test_checkpointing.py); the config keeps what the user had.
+    """
+    from helpers import fresh_dir, load_qwen
+
+    from qwen_ckpt_compat import unpatch
+    from qwen_ckpt_compat.testing import write_tiny_qwen
+
+    model = load_qwen(fresh_dir(tmp_path, write_tiny_qwen, "model", use_cache=use_cache))
+    peft_model = lora(prepare_for_lora(model))
+    assert peft_model.config.use_cache is use_cache
+    with count_block_calls(model) as counts:
+        step_grads(peft_model)
+    assert set(counts.values()) == {2}, "trained checkpointed"
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "saved")
+    unpatch(model)
+    reloaded = load_qwen(tmp_path / "saved")
+    try:
+        assert reloaded.config.use_cache is use_cache
+        lengths: list = []  # the tokens each forward runs on
+        reloaded.transformer.register_forward_pre_hook(
+            lambda module, args, kwargs: lengths.append(kwargs.get("input_ids", args[0] if args else None).shape[-1]),
+            with_kwargs=True,
+        )
+        reloaded.eval()
+        prompt = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+        reloaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False)
+        if use_cache:  # each new token runs alone (whether `False` is honoured by generate depends on the release)
+            assert lengths == [6, 1, 1, 1], lengths
+    finally:
+        unpatch(reloaded)
 
 
 def test_without_checkpointing_it_only_prepares(qwen):
@@ -164,10 +196,9 @@ def test_native_models_get_exactly_transformers_behaviour(native_model_factory, 
         enable(theirs)
     if use_reentrant and getattr(theirs, "_require_grads_hook", None) is None:
         theirs.enable_input_require_grads()
-    theirs.config.use_cache = False
     assert not is_patched(ours) and not describe(ours).old_checkpointing_api
     assert checkpointing_on(ours) and checkpointing_on(theirs)
-    assert ours.config.use_cache is False
+    assert ours.config.use_cache is theirs.config.use_cache is True, "the user's use_cache is theirs to keep"
     grads_ours, grads_theirs = _grads_of(ours, inputs), _grads_of(theirs, inputs)
     assert grads_ours.keys() == grads_theirs.keys()
     for name in grads_ours:

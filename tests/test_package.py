@@ -75,3 +75,24 @@ def test_demo_shows_the_problem_then_trains_with_falling_loss():
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
     assert with_library.count("-> non-reentrant checkpointing") == 3
     assert "LoRA grads flowing 20/20" in with_library
+
+
+def test_demo_prints_the_same_losses_every_run():
+    """Issue 18, item 7c: the demo is seeded (LoRA's initialisation drew from torch's global generator)."""
+    import io
+    import re
+
+    import torch
+
+    from qwen_ckpt_compat._demo import run_demo
+
+    runs = []
+    for seed in (1, 2):  # whatever the caller's random state
+        torch.manual_seed(seed)
+        out = io.StringIO()
+        run_demo(steps=3, out=out)
+        runs.append(re.findall(r"step \d: loss (\d+\.\d+)", out.getvalue()))
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+    generator_after = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    assert torch.equal(generator_after, torch.random.get_rng_state()), "the caller's random state is left as it was"

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import warnings
 
 import pytest
 import torch
-from helpers import blocks, count_block_calls, disable, enable, load_qwen, step_grads
+from helpers import blocks, count_block_calls, disable, enable, fresh_dir, load_qwen, step_grads
 
 from qwen_ckpt_compat import CompatWarning, describe, is_patched, patch, unpatch
 from qwen_ckpt_compat.testing import write_tiny_qwen
@@ -185,3 +186,43 @@ def test_patch_rejects_what_is_not_a_model(bad):
         patch(bad)
     with pytest.raises(TypeError, match=type(bad).__name__ if bad is not None else "None"):
         unpatch(bad)
+
+
+def _no_block_warning(model) -> str:
+    from qwen_ckpt_compat import prepare_for_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_lora(model)
+    texts = [str(w.message) for w in caught if issubclass(w.category, CompatWarning)]
+    assert len(texts) == 1, texts
+    return texts[0]
+
+
+@pytest.mark.parametrize(
+    "names, says",
+    [
+        (None, r"sets no `_no_split_modules`"),
+        ([], r"sets no `_no_split_modules`"),
+        (["QWenLMHeadModel"], r"names QWenLMHeadModel, .*none of them is under QWenModel"),
+        (["GoneBlock"], r"names GoneBlock, .*holds no module of (that|those) class"),
+    ],
+)
+def test_the_no_blocks_warning_says_what_is_the_case(qwen, names, says):
+    """Issue 18, item 7a: "names no decoder blocks" was said also where it names classes the model has elsewhere."""
+    qwen._no_split_modules = names
+    text = _no_block_warning(qwen)
+    assert re.search(says, text), text
+    assert "checkpoints itself, reentrantly and every layer" in text
+    if names:
+        assert "names no decoder blocks" not in text
+
+
+def test_a_model_without_decoder_blocks_says_it_has_none(tmp_path):
+    """Zero layers: `_no_split_modules` names QWenBlock, and the model has no QWenBlock at all."""
+    model = load_qwen(fresh_dir(tmp_path, write_tiny_qwen, num_hidden_layers=0))
+    try:
+        text = _no_block_warning(model)
+        assert re.search(r"names QWenBlock, .*holds no module of (that|those) class", text), text
+    finally:
+        unpatch(model)

@@ -18,10 +18,11 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import threading
 from typing import Any, Callable, Optional
 
 from .._patches import registry
-from .._remote_code import lazily_imported_packages
+from .._remote_code import lazily_imported_packages, parsing
 from .._versions import installed_version
 from ..errors import StreamingUnavailableError
 from ._classes import REPAIRS
@@ -39,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 STREAM_PACKAGE = "transformers_stream_generator"
 
+_STREAM_IMPORT_LOCK = threading.Lock()
+_NOT_IMPORTED = object()  # no entry in sys.modules
+_stream_import: dict = {}  # "answer": ((sys.modules entry, sys.path) it was found with, the problem or None)
+
 # The `GenerationMixin` methods that transformers_stream_generator's `generate` (0.0.5, its last release) was
 # written against: it dispatches to `greedy_search` / `sample` and calls `_validate_model_class` and
 # `_get_logits_warper` on the model. transformers removed them in 4.41-4.53; without them the package still
@@ -52,7 +57,24 @@ def is_qwen_style_module(filename: Optional[str]) -> bool:
 
 
 def stream_generator_problem() -> Optional[str]:
-    """Why ``transformers_stream_generator`` cannot be used here, or ``None`` when it imports fine."""
+    """Why ``transformers_stream_generator`` cannot be used here, or ``None`` when it imports fine.
+
+    The import is tried once, under a lock, and the answer kept while what the import would see is the same (the
+    package's entry in ``sys.modules``, and ``sys.path``): a failed import walks the whole of ``sys.path`` and
+    refills ``sys.path_importer_cache``, where transformers' ``importlib.invalidate_caches()`` calls, made while
+    another thread loads remote code, then collide (``KeyError``). Every Qwen-style load asks.
+    """
+    with _STREAM_IMPORT_LOCK:
+        seen = (sys.modules.get(STREAM_PACKAGE, _NOT_IMPORTED), tuple(sys.path))
+        known = _stream_import.get("answer")
+        if known is not None and known[0][0] is seen[0] and known[0][1] == seen[1]:
+            return known[1]
+        problem = _import_problem()
+        _stream_import["answer"] = ((sys.modules.get(STREAM_PACKAGE, _NOT_IMPORTED), tuple(sys.path)), problem)
+        return problem
+
+
+def _import_problem() -> Optional[str]:
     try:
         importlib.import_module(STREAM_PACKAGE)
     except ModuleNotFoundError as error:
@@ -84,7 +106,9 @@ def check_imports(check: Callable[..., Any], module: Any, filename: str) -> Any:
     if problem is None:
         return check(filename)
     missing = []
-    for name in module.get_imports(filename):
+    with parsing():  # transformers' get_imports runs ast.parse: never beside this library's own parsing
+        names = module.get_imports(filename)
+    for name in names:
         if name == STREAM_PACKAGE:
             continue
         try:
