@@ -44,7 +44,7 @@ from ._detection import (
 )
 from ._family_registry import family_of
 from ._hooks import speed_hooks
-from ._input_grads import set_input_grads
+from ._input_grads import picklable_input_grads_hooks, set_input_grads
 from ._model_state import state_of
 from ._patches import registry
 from ._settings import (
@@ -309,6 +309,9 @@ def patch_class(cls: type) -> Optional[type]:
     if hasattr(checkpointing_class, _AUTOMATIC_ENTRY_POINT):
         what = "marks an enable call made while building"
         registry.wrap(checkpointing_class, _AUTOMATIC_ENTRY_POINT, _note_automatic_enable, group=group, what=what)
+    if hasattr(checkpointing_class, "enable_input_require_grads"):
+        what = "a hook pickle can find"
+        registry.wrap(checkpointing_class, "enable_input_require_grads", picklable_input_grads_hooks, group=group, what=what)
     return checkpointing_class
 
 
