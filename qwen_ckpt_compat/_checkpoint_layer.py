@@ -106,13 +106,20 @@ def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, arg
     return instance.__dict__[FUNC](functools.partial(wrapped, **kwargs), *args)
 
 
-@functools.lru_cache(maxsize=None)
+_USE_CACHE_POSITIONS: dict = {}  # forward -> position; a plain dict, which torch.compile reads without tracing
+
+
 def _use_cache_position(forward: Callable) -> Optional[int]:
+    """Where ``use_cache`` sits among the positional arguments of ``forward`` (without ``self``), or ``None``."""
+    if forward in _USE_CACHE_POSITIONS:
+        return _USE_CACHE_POSITIONS[forward]
     try:
         parameters = list(inspect.signature(forward).parameters)
     except (TypeError, ValueError):  # pragma: no cover - forward without a signature
-        return None
-    return parameters.index("use_cache") - 1 if "use_cache" in parameters else None  # minus `self`
+        parameters = []
+    position = parameters.index("use_cache") - 1 if "use_cache" in parameters else None  # minus `self`
+    _USE_CACHE_POSITIONS[forward] = position
+    return position
 
 
 def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -169,6 +176,7 @@ def route(
     for owner in owners:
         owner.__dict__[FLAG] = False  # the remote forward must not call torch's checkpoint itself
         state_of(owner).routes = True
+        _use_cache_position(type(owner).forward)  # read here, where it is not traced by torch.compile
     route_blocks(blocks, settings)
     # A plan (a memory budget; selective recompute per batch shape) sets each block's flag and function.
     speed_hooks().plan_blocks(model, blocks, settings)

@@ -44,7 +44,7 @@ from ._detection import (
 )
 from ._family_registry import family_of
 from ._hooks import speed_hooks
-from ._input_grads import set_input_grads
+from ._input_grads import picklable_input_grads_hooks, set_input_grads
 from ._model_state import existing_state, state_of
 from ._patches import registry
 from ._settings import (
@@ -186,12 +186,17 @@ def _layout(model: torch.nn.Module, original: Callable) -> tuple[list, list]:
         groups.append(_blocks_under(owners, set(family.extra_blocks), seen))
     # On the classes the model's code defined, also where an engine swapped in subclasses (FSDP2).
     group = _group(find_checkpointing_class(model))
+    # Plain functions, not wrapt proxies: torch.compile traces them (and the checkpoints they call).
     for owner in owners:
-        registry.wrap(own_class(owner), "__call__", _checkpoint_layer.owner_call, group=group, what="block owner")
+        wrapper = _checkpoint_layer.owner_call
+        registry.wrap(own_class(owner), "__call__", wrapper, group=group, what="block owner", traceable=True)
     for block in (b for blocks in groups for b in blocks):
         cls = own_class(block)
-        registry.wrap(cls, "__call__", _checkpoint_layer.checkpointed_block_call, group=group, what="checkpoint layer")
-        registry.wrap(cls, "forward", _checkpoint_layer.checkpointed_block_forward, group=group, what="checkpoint layer")
+        for name, wrapper in (
+            ("__call__", _checkpoint_layer.checkpointed_block_call),
+            ("forward", _checkpoint_layer.checkpointed_block_forward),
+        ):
+            registry.wrap(cls, name, wrapper, group=group, what="checkpoint layer", traceable=True)
     return owners, groups
 
 
@@ -324,6 +329,9 @@ def patch_class(cls: type) -> Optional[type]:
     if hasattr(checkpointing_class, _AUTOMATIC_ENTRY_POINT):
         what = "marks an enable call made while building"
         registry.wrap(checkpointing_class, _AUTOMATIC_ENTRY_POINT, _note_automatic_enable, group=group, what=what)
+    if hasattr(checkpointing_class, "enable_input_require_grads"):
+        what = "a hook pickle can find"
+        registry.wrap(checkpointing_class, "enable_input_require_grads", picklable_input_grads_hooks, group=group, what=what)
     return checkpointing_class
 
 

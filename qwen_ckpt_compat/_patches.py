@@ -15,10 +15,20 @@ code at once never wrap a function twice.
 Undo never removes another library's wrapper: where the attribute no longer holds what was installed (someone
 wrapped it since), the install is left in place, inert (its wrapper passes every call straight through), and
 stays listed as such; installing it again makes it active again, where it is, under the other library's wrapper.
+
+Every wrapped method copies and pickles like a plain bound method: ``copy.deepcopy`` of an object holding one (peft
+keeps the model's ``prepare_inputs_for_generation``) re-binds it to the copy of its instance, and ``pickle`` stores
+it as ``getattr(instance, name)``. wrapt's own proxies refuse both.
+
+A wrapper installed with ``traceable=True`` is a plain Python function instead of a wrapt proxy, so that
+``torch.compile`` runs it: dynamo takes a wrapt proxy for the function it wraps (the proxy passes on
+``__code__``) and traces the original code, leaving the wrapper out. The checkpoint layer needs this.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional
@@ -69,6 +79,60 @@ def _guarded(wrapper: Callable, record: list) -> Callable:
     return guarded
 
 
+class _CopyableBoundFunctionWrapper(wrapt.BoundFunctionWrapper):
+    """A wrapped method bound to an instance that copies and pickles like a plain bound method."""
+
+    def __copy__(self) -> Any:
+        return self  # a bound method is immutable
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        instance = self._self_instance
+        if instance is None or isinstance(instance, type):
+            return self  # unbound, or bound to a class: classes are not copied
+        copied = copy.deepcopy(instance, memo)
+        return self._self_parent.__get__(copied, type(copied))
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return getattr, (self._self_instance, self._self_parent._self_attribute)
+
+
+class _CopyableFunctionWrapper(wrapt.FunctionWrapper):
+    """``wrapt.FunctionWrapper`` whose bound methods are :class:`_CopyableBoundFunctionWrapper`.
+
+    Args:
+        wrapped (`Callable`): what is wrapped.
+        wrapper (`Callable`): the wrapt wrapper function ``(wrapped, instance, args, kwargs)``.
+        attribute (`str`): the name it is installed under (a bound method pickles as ``getattr(instance, attribute)``).
+    """
+
+    __bound_function_wrapper__ = _CopyableBoundFunctionWrapper
+
+    def __init__(self, wrapped: Callable, wrapper: Callable, attribute: str) -> None:
+        super().__init__(wrapped, wrapper)
+        self._self_attribute = attribute
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return self  # installed on a class, like a function
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        raise TypeError(f"cannot pickle the wrapper of {self._self_attribute!r} itself; pickle the class or instance")
+
+
+def _traceable(original: Callable, wrapper: Callable, name: str) -> Callable:
+    """A plain function calling ``wrapper(bound original, self, args, kwargs)``, for methods ``torch.compile`` runs."""
+
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return wrapper(functools.partial(original, self), self, args, kwargs)
+
+    functools.update_wrapper(method, original)  # name, docstring, and __wrapped__ for inspect.signature / unwrap
+    method.__name__ = name
+    method.__wrapper__ = wrapper  # type: ignore[attr-defined]
+    return method
+
+
 @dataclass
 class PatchRegistry:
     """Installs patches, remembers them by group, and undoes a group."""
@@ -91,10 +155,24 @@ class PatchRegistry:
         install.active = True
         return True
 
-    def wrap(self, owner: Any, name: str, wrapper: Callable, *, group: Hashable, what: str) -> bool:
+    def wrap(
+        self, owner: Any, name: str, wrapper: Callable, *, group: Hashable, what: str, traceable: bool = False
+    ) -> bool:
         """Wraps ``owner.name`` (resolved through the MRO) with a wrapt wrapper function or a ``wrapt.decorator``.
 
-        Idempotent per ``(owner, name, group, what)``. Returns whether anything was installed (or re-activated) now.
+        Args:
+            owner (`type` or module): where the attribute is set.
+            name (`str`): the attribute.
+            wrapper (`Callable`): a wrapt wrapper function ``(wrapped, instance, args, kwargs)``, or a
+                ``wrapt.decorator``.
+            group (`Hashable`): what the install belongs to (undone together).
+            what (`str`): one line for people.
+            traceable (`bool`, *optional*, defaults to `False`): install a plain function that calls ``wrapper``
+                (an instance method only), which ``torch.compile`` traces; a wrapt proxy it looks through.
+
+        Returns:
+            `bool`: whether anything was installed (or re-activated) now. Idempotent per ``(owner, name, group,
+            what)``.
         """
         with self._lock:
             found = self._find(owner, name, group, what)
@@ -104,8 +182,10 @@ class PatchRegistry:
             holder: list = []
             if isinstance(wrapper, wrapt.FunctionWrapper):  # a wrapt.decorator: it builds the wrapper itself
                 wrapt.wrap_object(owner, name, wrapper)
+            elif traceable:
+                setattr(owner, name, _traceable(getattr(owner, name), _guarded(wrapper, holder), name))
             else:
-                wrapt.wrap_function_wrapper(owner, name, _guarded(wrapper, holder))
+                wrapt.wrap_object(owner, name, _CopyableFunctionWrapper, (_guarded(wrapper, holder), name))
             install = Install(owner, name, original, vars(owner)[name], group, what)
             holder.append(install)
             self._installs.append(install)
