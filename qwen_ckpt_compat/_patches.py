@@ -92,7 +92,7 @@ class _CopyableBoundFunctionWrapper(wrapt.BoundFunctionWrapper):
         copied = copy.deepcopy(instance, memo)
         return self._self_parent.__get__(copied, type(copied))
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
+    def __reduce_ex__(self, protocol: Any) -> tuple:
         return getattr, (self._self_instance, self._self_parent._self_attribute)
 
 
