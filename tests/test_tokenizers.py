@@ -77,11 +77,19 @@ def test_tokenizer_fails_where_the_real_one_fails(name, tmp_path):
     path = _write(name, tmp_path, "plain")
     with remote_code_loading_disabled():
         if name in ("baichuan", "internlm") and _fails_unmodified(name):
-            # 4.x: "object has no attribute 'sp_model'"; 5.x: the same read, answered by a property object
-            with pytest.raises((AttributeError, TypeError), match="sp_model|property"):
+            # 4.x: "object has no attribute 'sp_model'" (4.45-4.57 then try a conversion that wants protobuf and
+            # report that instead); 5.x: the same read, answered by a property object
+            with pytest.raises((AttributeError, TypeError, ImportError), match="sp_model|property|protobuf"):
                 _load(path)
             return
         tokenizer = _load(path)
+        if name == "chatglm" and V4_34 <= TRANSFORMERS < V5:
+            # its special tokens are read-only properties, which 4.34-4.57 write to tokenizer_config.json and set
+            # from it when loading (5.x no longer writes them)
+            tokenizer.save_pretrained(tmp_path / "saved")
+            # (4.45-4.57 then try a conversion that wants protobuf and report that instead)
+            with pytest.raises((AttributeError, ImportError), match="eos_token|can't set|protobuf"):
+                _load(tmp_path / "saved")
         if name == "chatglm" and _fails_unmodified(name):
             with pytest.raises(TypeError, match="padding_side"):
                 tokenizer("hello world")
@@ -104,7 +112,9 @@ def test_tokenizer_repairs_are_undone_and_redone(name, tmp_path):
     tokenizer = _load(_write(name, tmp_path, "undo"))
     cls = type(tokenizer)
     expected = {"chatglm": "_pad", "baichuan": "__init__"}[name]
-    needed = _fails_unmodified(name)
+    # detected on the code: the reordered __init__ wherever the code has that order, the _pad wrapper where this
+    # transformers passes padding_side
+    needed = TRANSFORMERS >= V4_45 if name == "chatglm" else True
     assert (expected in {install.name for install in _installs(cls)}) == needed
     original = cls.__dict__[expected]
     unpatch(tokenizer)

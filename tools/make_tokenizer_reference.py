@@ -2,19 +2,18 @@ r"""Write ``tests/reference/tokenizers_reference.json``: what each family's remo
 
 For each fixture of ``tests/tokenizer_cases.py`` (Qwen v1, Qwen-VL, ChatGLM2/3, Baichuan2, InternLM v1), on the
 transformers release where that tokenizer still works without the library (``REFERENCE_RELEASES`` there:
-4.43.4 for Qwen, Qwen-VL and ChatGLM, whose ``_pad`` 4.45 breaks; 4.32.1 for Baichuan2 and InternLM, whose
-``__init__`` 4.34 breaks): encoding, padding on both sides (to the longest and to a length, lists and tensors),
+4.32.1, the newest row before 4.34, which breaks Baichuan2's and InternLM's ``__init__`` and ChatGLM's reload of
+a saved tokenizer): encoding, padding on both sides (to the longest and to a length, lists and tensors),
 truncation on both sides, decoding, the family's chat format, and the same again after ``save_pretrained`` and
 a reload. The library's import hook is off (``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1``): these are transformers' and
 the remote code's own results. ``tests/test_tokenizers.py`` holds every matrix row to them.
 
-Run it once per reference release, in that matrix row's environment, from the repository root; each run
-updates the fixtures of its release and keeps the others:
+Run it in that matrix row's environment, from the repository root (a run updates the fixtures of its release
+and keeps the others):
 
-    uv pip install torch==2.13.0 -c constraints/4.43.4-fallback.txt transformers peft accelerate \
-        transformers_stream_generator safetensors sentencepiece pillow requests pytest -e .
-    python tools/make_tokenizer_reference.py          # writes qwen, qwen_vl, chatglm
-    # and with constraints/4.32.1-apply-value.txt:    # writes baichuan, internlm
+    uv pip install torch==2.13.0 -c constraints/4.32.1-apply-value.txt transformers peft accelerate \
+        transformers_stream_generator safetensors sentencepiece pytest -e .
+    python tools/make_tokenizer_reference.py
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Remote slow tokenizers: what their 2023 code relies on that later transformers releases changed.
 
-Three repairs, each detected on the tokenizer class's own code (never by version), installed only on classes
+Five repairs, each detected on the tokenizer class's own code (never by version), installed only on classes
 loaded from remote code (never on transformers' own), through the patch registry in the group
 ``("tokenizers", cls)`` of each class, so that :func:`undo_tokenizer_repairs` (and ``qwen_ckpt_compat.unpatch``
 given the class or a tokenizer) puts back the exact original attributes:
@@ -20,6 +20,16 @@ given the class or a tokenizer) puts back the exact original attributes:
   before (no other ``self`` attribute and no ``self`` method), and one of the attributes they set is read by
   another method of the class. The rewritten ``__init__`` is compiled from the class's own source, in its own
   module, with the same file name and line numbers.
+* **special tokens as read-only properties** (ChatGLM2/3's ``eos_token``, ``pad_token``, ``unk_token``): from 4.34
+  ``save_pretrained`` writes them into ``tokenizer_config.json`` and the base ``__init__`` sets every special
+  token it is given, so a saved tokenizer does not load again: "can't set attribute 'eos_token'" (3.11+:
+  "property 'eos_token' of 'ChatGLMTokenizer' object has no setter"). The property gets a setter that accepts
+  the value it already answers (what was saved) and raises the same ``AttributeError`` for any other.
+* **``add_bos_token`` / ``add_eos_token`` saved** (Baichuan2, whose ``tokenizer_config.json`` turns the BOS
+  off): 5.x's ``save_pretrained`` leaves them out of ``tokenizer_config.json`` (fast tokenizers keep them in
+  ``tokenizer.json``), so a saved Baichuan2 tokenizer came back adding a BOS. Where the class's ``__init__``
+  takes them and the installed ``save_pretrained`` drops them (read off its code), its ``save_pretrained``
+  writes them back into the file it saved, with the tokenizer's values.
 * **``batch_encode_plus`` / ``encode_plus`` called by the remote code** (ChatGLM3's ``build_chat_input``): 5.x
   removed them; where the class's code calls one and the class no longer has it, it is given one that calls
   the tokenizer (``__call__``), as those methods did.
@@ -39,7 +49,9 @@ from ._classes import INSTALLED_MARK, code_names, is_transformers_class, paramet
 
 __all__ = [
     "accept_padding_side",
+    "accept_saved_special_tokens",
     "is_remote_tokenizer_class",
+    "keep_saved_switches",
     "prepare_tokenizer_class",
     "restore_encode_methods",
     "set_attributes_before_base_init",
@@ -264,6 +276,98 @@ def set_attributes_before_base_init(cls: type) -> list:
     return []
 
 
+# --- read-only special tokens ------------------------------------------------------------------------------
+
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _content(token: Any) -> Any:
+    return getattr(token, "content", token)
+
+
+def _accepting_setter(name: str, getter: Callable) -> Callable:
+    def setter(self: Any, value: Any) -> None:
+        """Accepts the value the read-only property already answers (a saved tokenizer's), as a no-op."""
+        if value is None or _content(value) == _content(getter(self)):
+            return
+        raise AttributeError(f"property {name!r} of {type(self).__name__!r} object has no setter")
+
+    setter.__dict__[INSTALLED_MARK] = True
+    return setter
+
+
+def accept_saved_special_tokens(cls: type) -> list:
+    """Read-only special-token properties of ``cls`` accept the value they answer (see the module doc)."""
+    installed = []
+    for name in _SPECIAL_TOKENS:
+        member = cls.__dict__.get(name)
+        if not isinstance(member, property) or member.fset is not None or member.fget is None:
+            continue
+        replacement = property(member.fget, _accepting_setter(name, member.fget), member.fdel, member.__doc__)
+        what = "accepts the value it answers (4.34+ sets the saved special tokens)"
+        if registry.set(cls, name, replacement, group=tokenizer_group(cls), what=what):
+            installed.append(f"{cls.__qualname__}.{name} ({what})")
+    return installed
+
+
+# --- add_bos_token / add_eos_token in tokenizer_config.json -------------------------------------------------
+
+_SAVED_SWITCHES = ("add_bos_token", "add_eos_token")
+
+
+def _code_constants(function: Any) -> set:
+    code = getattr(getattr(function, "__func__", function), "__code__", None)
+    found: set = set()
+    stack = [code] if code is not None else []
+    while stack:
+        current = stack.pop()
+        for constant in current.co_consts:
+            if isinstance(constant, str):
+                found.add(constant)
+            elif hasattr(constant, "co_consts"):
+                stack.append(constant)
+    return found
+
+
+def _save_with_switches(names: tuple) -> Callable:
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``save_pretrained`` that writes the tokenizer's ``add_bos_token`` / ``add_eos_token`` back."""
+        import json
+        import os
+
+        saved = wrapped(*args, **kwargs)
+        directory = args[0] if args else kwargs.get("save_directory")
+        prefix = kwargs.get("filename_prefix")
+        path = os.path.join(os.fspath(directory), (prefix + "-" if prefix else "") + "tokenizer_config.json")
+        if instance is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            missing = {name: getattr(instance, name) for name in names if name not in config and hasattr(instance, name)}
+            if missing:
+                config.update(missing)
+                with open(path, "w", encoding="utf-8") as handle:
+                    handle.write(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+        return saved
+
+    return wrapper
+
+
+def keep_saved_switches(cls: type) -> list:
+    """``save_pretrained`` of ``cls`` keeps the ``add_*_token`` its ``__init__`` takes (see the module doc)."""
+    base = _tokenizer_base()
+    init = cls.__dict__.get("__init__")
+    if base is None or init is None:
+        return []
+    init = getattr(init, "__wrapped_original__", init)
+    names = tuple(name for name in _SAVED_SWITCHES if name in parameters(init))
+    if not names or not set(names) & _code_constants(base.save_pretrained):
+        return []
+    what = f"writes {', '.join(names)} to tokenizer_config.json (5.x leaves them out)"
+    if registry.wrap(cls, "save_pretrained", _save_with_switches(names), group=tokenizer_group(cls), what=what):
+        return [f"{cls.__qualname__}.save_pretrained ({what})"]
+    return []
+
+
 # --- encode_plus / batch_encode_plus ------------------------------------------------------------------------
 
 
@@ -321,6 +425,8 @@ def prepare_tokenizer_class(cls: type) -> list:
     for klass in _remote_classes(cls):
         installed += accept_padding_side(klass)
         installed += set_attributes_before_base_init(klass)
+        installed += accept_saved_special_tokens(klass)
+        installed += keep_saved_switches(klass)
     installed += restore_encode_methods(cls)
     return installed
 

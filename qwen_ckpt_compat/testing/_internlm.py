@@ -123,12 +123,13 @@ def write_tiny_internlm(
 
 def internlm_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
     """InternLM v1's chat format, as its model's ``build_inputs`` makes it: ``<s><|User|>:...<eoh>\\n<|Bot|>:``
-    per turn (``<eoa>`` after each answer), tokenized as one text."""
-    history = [("hello", "hello world")]
-    prompt = ""
-    for query, answer in history:
-        prompt += f"<s><|User|>:{query}<eoh>\n<|Bot|>:{answer}<eoa>\n"
-    prompt += "<s><|User|>:how are you?<eoh>\n<|Bot|>:"
+    per turn (``<eoa>\\n`` after each answer), tokenized as one text.
+
+    One turn only: with history the text holds ``<eoa>\\n<s>``, and transformers before 4.34 stripped the
+    whitespace next to a special token given as a string (``<s>``), later releases keep it, for the real
+    tokenizer as for this one: a change of transformers, not of the remote code.
+    """
+    prompt = "<s><|User|>:how are you?<eoh>\n<|Bot|>:"
     return {"prompt": prompt, "chat_ids": tokenizer([prompt], return_tensors="pt")["input_ids"][0].tolist()}
 
 
