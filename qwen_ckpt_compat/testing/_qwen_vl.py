@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from .._family_registry import family_named
-from ._qwen import _config_dict, _state_dict
-from ._qwen import qwen_chat
+from ._qwen import _config_dict, _state_dict, qwen_chat
 from ._writer import PathLike, SeededWeights, load_remote_model, remote_tokenizer_config, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_vl"
