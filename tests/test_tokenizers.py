@@ -77,17 +77,17 @@ def test_tokenizer_fails_where_the_real_one_fails(name, tmp_path):
     path = _write(name, tmp_path, "plain")
     with remote_code_loading_disabled():
         if name in ("baichuan", "internlm") and _fails_unmodified(name):
-            # 4.x: "object has no attribute 'sp_model'" (4.45-4.57 then try a conversion that wants protobuf and
-            # report that instead); 5.x: the same read, answered by a property object
+            # 4.x: "object has no attribute 'sp_model'" (4.45.2, without protobuf, then tries a conversion that
+            # wants it and reports that instead); 5.x: the same read, answered by a property object
             with pytest.raises((AttributeError, TypeError, ImportError), match="sp_model|property|protobuf"):
                 _load(path)
             return
         tokenizer = _load(path)
         if name == "chatglm" and V4_34 <= TRANSFORMERS < V5:
-            # its special tokens are read-only properties, which 4.34-4.57 write to tokenizer_config.json and set
+            # its special tokens are read-only properties, which 4.34+ writes to tokenizer_config.json and sets
             # from it when loading (5.x no longer writes them)
             tokenizer.save_pretrained(tmp_path / "saved")
-            # (4.45-4.57 then try a conversion that wants protobuf and report that instead)
+            # (4.45.2, without protobuf, then tries a conversion that wants it and reports that instead)
             with pytest.raises((AttributeError, ImportError), match="eos_token|can't set|protobuf"):
                 _load(tmp_path / "saved")
         if name == "chatglm" and _fails_unmodified(name):
