@@ -57,7 +57,9 @@ PYTHON = "3.11"  # the constraints are compiled for 3.11; the oldest rows have n
 TORCH = "2.13.0"  # one torch for every row (never unpinned: that pulls a multi-GB CUDA build)
 
 # Installed beside transformers in every row (pinned by the row's constraints file).
-COMPANIONS = ("peft", "accelerate", "transformers_stream_generator", "safetensors")
+# sentencepiece: the tiny ChatGLM2/3, Baichuan2 and InternLM tokenizers load a SentencePiece model, as the real
+# ones do (tests/test_tokenizers.py); not in the constraints files, so one version (the newest) on every row.
+COMPANIONS = ("peft", "accelerate", "transformers_stream_generator", "safetensors", "sentencepiece")
 # Printed at the top of every session.
 SHOWN = (
     "torch",

@@ -47,6 +47,7 @@ from ._hooks import speed_hooks
 from ._input_grads import picklable_input_grads_hooks, set_input_grads
 from ._model_state import existing_state, state_of
 from ._patches import registry
+from ._repairs.tokenizers import is_remote_tokenizer_class, undo_tokenizer_repairs
 from ._settings import (
     CheckpointRequest,
     CheckpointSettings,
@@ -349,13 +350,19 @@ def unpatch(model: Any) -> Any:
     off afterwards; other instances of the same classes lose their routed checkpointing too. The repairs of
     removed APIs stay (the model's code needs them).
 
+    A remote tokenizer (or its class) gets its original attributes back: the tokenizer repairs are undone
+    (:mod:`qwen_ckpt_compat._repairs.tokenizers`).
+
     Args:
         model (`PreTrainedModel`, `peft.PeftModel` or `type`): a model, or a remote model class (then only the
-            class-level wrappers are removed).
+            class-level wrappers are removed); or a remote tokenizer or tokenizer class.
 
     Returns:
         The same ``model``.
     """
+    if is_remote_tokenizer_class(model if isinstance(model, type) else type(model)):
+        undo_tokenizer_repairs(model)
+        return model
     if isinstance(model, type):
         cls = find_checkpointing_class(model)
         if cls is not None:

@@ -63,6 +63,8 @@ class Family:
         prepare_class (`Callable[[type], list[str]]`, *optional*): family repairs on a loaded model class.
         prepare_model (`Callable[[Any], list[str]]`, *optional*): family repairs on a loaded model.
         doctor_facts (`tuple[FamilyFact, ...]`): what the doctor reports about this family.
+        tokenizer (`str`): its remote tokenizer, its chat format and what later releases broke in it, for the
+            docs (the repairs themselves are generic: :mod:`qwen_ckpt_compat._repairs.tokenizers`).
     """
 
     name: str
@@ -78,6 +80,7 @@ class Family:
     prepare_class: Optional[Callable[[type], list]] = None
     prepare_model: Optional[Callable[[Any], list]] = None
     doctor_facts: tuple = ()
+    tokenizer: str = ""
 
 
 _registered: list = []

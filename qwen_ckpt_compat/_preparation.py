@@ -33,6 +33,7 @@ from ._repairs.generation import (
 )
 from ._repairs.model_api import restore_auto_class, restore_missing_methods, restore_post_init
 from ._repairs.streaming import is_qwen_style_module, wrap_chat_stream
+from ._repairs.tokenizers import is_remote_tokenizer_class, prepare_tokenizer_class
 from ._repairs.weights import (
     protect_loaded_weights,
     recompute_non_persistent_buffers,
@@ -76,7 +77,9 @@ def prepare_class(cls: type) -> list:
     * a config class of a registered family: the config attributes ``PretrainedConfig`` carried before 5.0;
     * an old-API model class (and a Qwen-style one): the class patch, the removed-API repairs, the recording of
       how its buffer-holding modules are built, the per-model repairs after ``from_pretrained``, and its
-      family's own.
+      family's own;
+    * a slow tokenizer class (a ``PreTrainedTokenizer`` subclass from remote code): the tokenizer repairs its
+      code needs (:mod:`qwen_ckpt_compat._repairs.tokenizers`), of any family.
 
     Returns:
         `list[str]`: what was installed now.
@@ -92,6 +95,8 @@ def _prepare_class(cls: type) -> list:
         return []
     if issubclass(cls, PretrainedConfig):
         return restore_config_attributes(cls) if family_of(cls) is not None else []
+    if is_remote_tokenizer_class(cls):
+        return prepare_tokenizer_class(cls)
     if not issubclass(cls, PreTrainedModel):
         return []
     old_api = _class_patch.patch_class(cls) is not None

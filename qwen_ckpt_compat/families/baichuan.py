@@ -35,4 +35,10 @@ FAMILY = Family(
         "routes it and warns; `prepare_for_lora(model, use_gradient_checkpointing=False)` turns it off.",
         "Load it after `import qwen_ckpt_compat`: on transformers 4.35.x the load itself fails otherwise.",
     ),
+    tokenizer=(
+        '`BaichuanTokenizer` (SentencePiece, `tokenization_baichuan.py`), chat as reserved role ids '
+        '(`user_token_id`, `assistant_token_id` of `generation_config.json`) and encoded messages; it no '
+        'longer loads from 4.34 (`sp_model` set after `super().__init__`), and on 5.x a saved tokenizer came '
+        'back adding a BOS (`add_bos_token` not saved): both repaired.'
+    ),
 )

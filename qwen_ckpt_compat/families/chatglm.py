@@ -31,4 +31,11 @@ FAMILY = Family(
         "On transformers 5.x the config answers `max_length` and the other generation defaults of "
         "`PretrainedConfig` before 5.0 (never saved to config.json), and `use_cache` from config.json is kept.",
     ),
+    tokenizer=(
+        '`ChatGLMTokenizer` (SentencePiece, `tokenization_chatglm.py`), ChatGLM2\'s `build_prompt` ("[Round '
+        'n]\\n\\n问：...\\n\\n答：") and ChatGLM3\'s `build_chat_input` (role tokens); a saved tokenizer no longer '
+        'loads from 4.34 (its special tokens are read-only properties), it no longer encodes from 4.45 '
+        '(`_pad` without `padding_side`), and on 5.x `build_chat_input` calls the removed '
+        '`batch_encode_plus`: all repaired. It pads on the left only (an assert), as it always did.'
+    ),
 )

@@ -43,4 +43,9 @@ FAMILY = Family(
             "import",
         ),
     ),
+    tokenizer=(
+        '`InternLMTokenizer` (SentencePiece, `tokenization_internlm.py`), chat as '
+        '`<s><|User|>:...<eoh>\\n<|Bot|>:`; it no longer loads from 4.34 (`sp_model` set after '
+        '`super().__init__`; fixed upstream in November 2023, the repair does the same for older copies).'
+    ),
 )

@@ -29,4 +29,9 @@ FAMILY = Family(
         "`chat_stream()` needs transformers_stream_generator, which works up to transformers 4.40 only; "
         "elsewhere it raises StreamingUnavailableError (use `chat()` or a TextIteratorStreamer).",
     ),
+    tokenizer=(
+        '`QWenTokenizer` (tiktoken, `tokenization_qwen.py`), ChatML built by `make_context` in '
+        '`qwen_generation_utils.py`; sets everything before `super().__init__` and finds its special tokens '
+        'itself: works unmodified on every row.'
+    ),
 )

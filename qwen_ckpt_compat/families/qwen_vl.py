@@ -74,4 +74,8 @@ FAMILY = Family(
             False,
         ),
     ),
+    tokenizer=(
+        "Qwen v1's `QWenTokenizer` with image spans (`<img>path</img>`, padded to a fixed span) and "
+        '`from_list_format`; ChatML as Qwen v1: works unmodified on every row.'
+    ),
 )

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from .._family_registry import families as registered_families
 from .._family_registry import family_named
@@ -84,6 +84,9 @@ class TinyFamily:
         vocab_size (`int`): ids of a test batch are drawn below it.
         packages (`tuple[str, ...]`): third-party packages its remote code imports when it loads.
         family (`str`): the family's name in the family registry (``name`` when empty).
+        chat (`Callable`, *optional*): ``chat(tokenizer, path) -> dict``: the family's chat format applied by its
+            remote code's own helpers to a fixed conversation (see ``docs/families.md``).
+        sentencepiece (`bool`): its remote tokenizer loads a SentencePiece model (needs ``sentencepiece``).
     """
 
     name: str
@@ -94,6 +97,8 @@ class TinyFamily:
     vocab_size: int = 256
     packages: Tuple[str, ...] = ()
     family: str = ""
+    chat: Optional[Callable[[Any, Path], Dict[str, Any]]] = None
+    sentencepiece: bool = False
 
     def __post_init__(self) -> None:
         if not self.family:
@@ -106,19 +111,29 @@ class TinyFamily:
 
 
 def _families() -> Dict[str, TinyFamily]:
-    from . import _qwen_vl
+    from . import _baichuan, _chatglm, _internlm, _qwen, _qwen_vl
 
     fixtures = (
-        TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, "QWenBlock", "transformer.ln_f"),
-        TinyFamily("chatglm", write_tiny_chatglm, load_tiny_chatglm, "GLMBlock", "transformer.encoder.final_layernorm"),
-        TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, "BaichuanLayer", "model.norm"),
+        TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, "QWenBlock", "transformer.ln_f", chat=_qwen.qwen_chat),
         TinyFamily(
-            "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, "DecoderLayer", "model.norm", family="baichuan"
+            "chatglm", write_tiny_chatglm, load_tiny_chatglm, "GLMBlock", "transformer.encoder.final_layernorm",
+            chat=_chatglm.chatglm_chat, sentencepiece=True,
         ),
-        TinyFamily("internlm", write_tiny_internlm, load_tiny_internlm, "InternLMDecoderLayer", "model.norm"),
+        TinyFamily(
+            "baichuan", write_tiny_baichuan, load_tiny_baichuan, "BaichuanLayer", "model.norm",
+            chat=_baichuan.baichuan_chat, sentencepiece=True,
+        ),
+        TinyFamily(
+            "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, "DecoderLayer", "model.norm", family="baichuan",
+            chat=_baichuan.baichuan_chat, sentencepiece=True,
+        ),
+        TinyFamily(
+            "internlm", write_tiny_internlm, load_tiny_internlm, "InternLMDecoderLayer", "model.norm",
+            chat=_internlm.internlm_chat, sentencepiece=True,
+        ),
         TinyFamily(
             "qwen_vl", write_tiny_qwen_vl, load_tiny_qwen_vl, "QWenBlock", "transformer.ln_f",
-            vocab_size=300, packages=_qwen_vl.VISION_PACKAGES,
+            vocab_size=300, packages=_qwen_vl.VISION_PACKAGES, chat=_qwen_vl.qwen_vl_chat,
         ),
     )
     by_name = {fixture.name: fixture for fixture in fixtures}

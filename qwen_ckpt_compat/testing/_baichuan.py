@@ -6,16 +6,30 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from .._family_registry import family_named
-from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_tensors, write_model_dir
+from . import _sentencepiece
+from ._writer import (
+    PathLike,
+    SeededWeights,
+    load_remote_model,
+    mlp_and_norm_tensors,
+    remote_tokenizer_config,
+    write_model_dir,
+)
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "baichuan2"
-CODE_FILES: Tuple[str, ...] = ("configuration_baichuan.py", "modeling_baichuan.py")
+CODE_FILES: Tuple[str, ...] = ("configuration_baichuan.py", "modeling_baichuan.py", "tokenization_baichuan.py")
 # The 7B layout (rotary tables as plain tensor attributes, `DecoderLayer`) has a modeling file of its own and the
 # same configuration class.
 CODE_FILES_7B: Tuple[str, ...] = (
     "configuration_baichuan.py",
     str(Path(__file__).resolve().parent / "baichuan2_7b" / "modeling_baichuan.py"),
+    "tokenization_baichuan.py",
 )
+# Baichuan2's chat roles are two reserved pieces of its SentencePiece model (195 and 196 in the real one), whose
+# ids `generation_config.json` names (`user_token_id`, `assistant_token_id`).
+TOKENIZER_PIECES = (("<reserved_106>", 0.0, _sentencepiece.CONTROL), ("<reserved_107>", 0.0, _sentencepiece.CONTROL))
+USER_TOKEN_ID = _sentencepiece.piece_count() + 0
+ASSISTANT_TOKEN_ID = _sentencepiece.piece_count() + 1
 TARGET_MODULES: Tuple[str, ...] = family_named("baichuan").lora_targets
 """The LoRA targets Baichuan2 users pass to peft."""
 
@@ -99,7 +113,14 @@ def write_tiny_baichuan(
         "torch_dtype": "float32",
     }
     config.update(config_overrides)
-    generation_config = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}
+    generation_config = {
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+        "do_sample": False,
+        "user_token_id": USER_TOKEN_ID,
+        "assistant_token_id": ASSISTANT_TOKEN_ID,
+    }
     return write_model_dir(
         path,
         code_dir=CODE_DIR,
@@ -107,7 +128,39 @@ def write_tiny_baichuan(
         config=config,
         tensors=lambda c: _tensors(c, seed),
         generation_config=generation_config,
+        tokenizer_config=remote_tokenizer_config(
+            "BaichuanTokenizer",
+            "tokenization_baichuan",
+            add_bos_token=False,
+            add_eos_token=False,
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="<unk>",
+            unk_token="<unk>",
+            model_max_length=model_max_length,
+            sp_model_kwargs={},
+            use_fast=False,
+        ),
+        files={"tokenizer.model": _sentencepiece.model_bytes(TOKENIZER_PIECES)},
     )
+
+
+def baichuan_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
+    """Baichuan2's chat format, as its ``generation_utils.build_chat_input`` makes it: per message the role's
+    reserved id (from ``generation_config.json``) and the encoded content, the assistant's id last."""
+    import json
+
+    generation = json.loads((Path(path) / "generation_config.json").read_text(encoding="utf-8"))
+    messages = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hello world"},
+        {"role": "user", "content": "你好, how are you?"},
+    ]
+    ids = []
+    for message in messages:
+        role = generation["user_token_id"] if message["role"] == "user" else generation["assistant_token_id"]
+        ids += [role] + tokenizer.encode(message["content"])
+    return {"chat_ids": ids + [generation["assistant_token_id"]]}
 
 
 def load_tiny_baichuan(path: PathLike, **kwargs: Any) -> Any:

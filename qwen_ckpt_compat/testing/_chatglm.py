@@ -6,10 +6,11 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from .._family_registry import family_named
-from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
+from . import _sentencepiece
+from ._writer import PathLike, SeededWeights, load_remote_model, remote_tokenizer_config, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "chatglm"
-CODE_FILES: Tuple[str, ...] = ("configuration_chatglm.py", "modeling_chatglm.py")
+CODE_FILES: Tuple[str, ...] = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
 TARGET_MODULES: Tuple[str, ...] = family_named("chatglm").lora_targets
 """The LoRA targets ChatGLM users pass to peft (``dense`` also matches ``dense_h_to_4h``/``dense_4h_to_h``)."""
 
@@ -115,7 +116,26 @@ def write_tiny_chatglm(
         config=config,
         tensors=lambda c: _tensors(c, seed),
         generation_config=generation_config,
+        tokenizer_config=remote_tokenizer_config(
+            "ChatGLMTokenizer", "tokenization_chatglm", remove_space=False, do_lower_case=False
+        ),
+        files={"tokenizer.model": _sentencepiece.model_bytes()},
     )
+
+
+def chatglm_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
+    """The chat formats of the fixture's tokenizer: ChatGLM2's ``build_prompt`` (then encoded, as its ``chat``
+    does) and ChatGLM3's ``build_chat_input``, each with one turn of history."""
+    prompt = tokenizer.build_prompt("你好", history=[("hello", "hello world")])
+    chat3 = tokenizer.build_chat_input(
+        "how are you?", history=[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good day"}]
+    )
+    return {
+        "chatglm2_prompt": prompt,
+        "chatglm2_ids": tokenizer([prompt])["input_ids"][0],
+        "chatglm3_ids": chat3["input_ids"][0].tolist(),
+        "chatglm3_position_ids": chat3["position_ids"][0].tolist(),
+    }
 
 
 def load_tiny_chatglm(path: PathLike, **kwargs: Any) -> Any:

@@ -6,10 +6,20 @@ from pathlib import Path
 from typing import Any, Dict, Tuple
 
 from .._family_registry import family_named
-from ._writer import PathLike, SeededWeights, load_remote_model, mlp_and_norm_tensors, write_model_dir
+from . import _sentencepiece
+from ._writer import (
+    PathLike,
+    SeededWeights,
+    load_remote_model,
+    mlp_and_norm_tensors,
+    remote_tokenizer_config,
+    write_model_dir,
+)
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "internlm"
-CODE_FILES: Tuple[str, ...] = ("configuration_internlm.py", "modeling_internlm.py")
+CODE_FILES: Tuple[str, ...] = ("configuration_internlm.py", "modeling_internlm.py", "tokenization_internlm.py")
+# InternLM's chat markers are pieces of its SentencePiece model.
+TOKENIZER_PIECES = tuple((piece, 0.0, _sentencepiece.USER_DEFINED) for piece in ("<|User|>", "<|Bot|>", "<eoh>", "<eoa>"))
 TARGET_MODULES: Tuple[str, ...] = family_named("internlm").lora_targets
 """The LoRA targets InternLM users pass to peft."""
 
@@ -98,7 +108,29 @@ def write_tiny_internlm(
         config=config,
         tensors=lambda c: _tensors(c, seed),
         generation_config=generation_config,
+        tokenizer_config=remote_tokenizer_config(
+            "InternLMTokenizer",
+            "tokenization_internlm",
+            bos_token="<s>",
+            eos_token="</s>",
+            pad_token="</s>",
+            unk_token="<unk>",
+            clean_up_tokenization_spaces=False,
+        ),
+        files={"tokenizer.model": _sentencepiece.model_bytes(TOKENIZER_PIECES)},
     )
+
+
+def internlm_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
+    """InternLM v1's chat format, as its model's ``build_inputs`` makes it: ``<s><|User|>:...<eoh>\\n<|Bot|>:``
+    per turn (``<eoa>\\n`` after each answer), tokenized as one text.
+
+    One turn only: with history the text holds ``<eoa>\\n<s>``, and transformers before 4.34 stripped the
+    whitespace next to a special token given as a string (``<s>``), later releases keep it, for the real
+    tokenizer as for this one: a change of transformers, not of the remote code.
+    """
+    prompt = "<s><|User|>:how are you?<eoh>\n<|Bot|>:"
+    return {"prompt": prompt, "chat_ids": tokenizer([prompt], return_tensors="pt")["input_ids"][0].tolist()}
 
 
 def load_tiny_internlm(path: PathLike, **kwargs: Any) -> Any:

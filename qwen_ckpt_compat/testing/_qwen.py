@@ -205,6 +205,21 @@ def write_tiny_qwen(
     return target
 
 
+def qwen_chat(tokenizer: Any, path: Union[str, os.PathLike], query: str = "how are you?") -> Dict[str, Any]:
+    """The ChatML context Qwen's ``chat`` builds (``make_context`` of the directory's ``qwen_generation_utils.py``)
+    with a system prompt and one turn of history, and its stop words."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_qcc_qwen_generation_utils", Path(path) / "qwen_generation_utils.py")
+    assert spec is not None and spec.loader is not None
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    text, ids = utils.make_context(
+        tokenizer, query, history=[("hello", "hello world")], system="You are a test.", chat_format="chatml"
+    )
+    return {"prompt": text, "chat_ids": list(ids), "stop_words_ids": utils.get_stop_words_ids("chatml", tokenizer)}
+
+
 def load_tiny_qwen(path: Union[str, os.PathLike], **kwargs: Any) -> Any:
     """
     Loads a directory written by `write_tiny_qwen` the way users load Qwen v1.

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from .._family_registry import family_named
-from ._qwen import _config_dict, _state_dict
-from ._writer import PathLike, SeededWeights, load_remote_model, write_model_dir
+from ._qwen import _config_dict, _state_dict, qwen_chat
+from ._writer import PathLike, SeededWeights, load_remote_model, remote_tokenizer_config, write_model_dir
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "qwen_vl"
 _QWEN_V1_DIR: Path = Path(__file__).resolve().parent / "qwen_v1"
@@ -18,6 +18,7 @@ CODE_FILES: Tuple[str, ...] = (
     "modeling_qwen.py",
     str(_QWEN_V1_DIR / "qwen_generation_utils.py"),
     "visual.py",
+    "tokenization_qwen.py",
 )
 TARGET_MODULES: Tuple[str, ...] = family_named("qwen_vl").lora_targets
 """LoRA targets of the language model alone (``c_proj`` would also match the vision transformer's MLPs)."""
@@ -142,8 +143,23 @@ def write_tiny_qwen_vl(
 
     generation_config = {"chat_format": "chatml", "eos_token_id": 0, "pad_token_id": 0, "do_sample": False}
     return write_model_dir(
-        path, code_dir=CODE_DIR, code_files=CODE_FILES, config=config, tensors=tensors, generation_config=generation_config
+        path,
+        code_dir=CODE_DIR,
+        code_files=CODE_FILES,
+        config=config,
+        tensors=tensors,
+        generation_config=generation_config,
+        tokenizer_config=remote_tokenizer_config("QWenTokenizer", "tokenization_qwen", model_max_length=256),
     )
+
+
+def qwen_vl_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
+    """Qwen-VL's chat format: a query in list form (``from_list_format``: an image, then text) put in ChatML by
+    ``make_context``, and its list form read back."""
+    query = tokenizer.from_list_format([{"image": "picture.png"}, {"text": "what is this?"}])
+    result = qwen_chat(tokenizer, path, query=query)
+    result["list_format"] = tokenizer.to_list_format(query)
+    return result
 
 
 def load_tiny_qwen_vl(path: PathLike, **kwargs: Any) -> Any:

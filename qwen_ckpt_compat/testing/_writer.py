@@ -43,10 +43,12 @@ def write_model_dir(
     tensors: Callable[[Dict[str, Any]], Dict[str, "torch.Tensor"]],
     generation_config: Optional[Dict[str, Any]] = None,
     tokenizer_config: Optional[Dict[str, Any]] = None,
+    files: Optional[Dict[str, bytes]] = None,
 ) -> Path:
     """Writes the remote-code files, ``config.json`` (and the optional JSON files) and ``model.safetensors``.
 
-    ``code_files`` are names in ``code_dir``, or paths of their own (a file shared with another fixture).
+    ``code_files`` are names in ``code_dir``, or paths of their own (a file shared with another fixture);
+    ``files`` are other files by name and content (a tokenizer's ``tokenizer.model``).
     """
     from safetensors.torch import save_file
 
@@ -59,6 +61,8 @@ def write_model_dir(
     for name, content in documents.items():
         if content is not None:
             (target / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    for name, data in (files or {}).items():
+        (target / name).write_bytes(data)
     weights = {name: tensor.contiguous() for name, tensor in tensors(config).items()}
     save_file(weights, str(target / "model.safetensors"), metadata={"format": "pt"})
     return target
@@ -69,6 +73,20 @@ def load_remote_model(path: PathLike, auto_class: str = "AutoModelForCausalLM", 
     import transformers
 
     return getattr(transformers, auto_class).from_pretrained(os.fspath(path), trust_remote_code=True, **kwargs)
+
+
+def load_remote_tokenizer(path: PathLike, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(path, trust_remote_code=True, **kwargs)``, the way users load these tokenizers."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(path), trust_remote_code=True, **kwargs)
+
+
+def remote_tokenizer_config(class_name: str, module: str, **entries: Any) -> Dict[str, Any]:
+    """A ``tokenizer_config.json`` naming a remote slow tokenizer (``auto_map``) and the given entries."""
+    config: Dict[str, Any] = {"auto_map": {"AutoTokenizer": [f"{module}.{class_name}", None]}, "tokenizer_class": class_name}
+    config.update(entries)
+    return config
 
 
 def mlp_and_norm_tensors(weights: SeededWeights, prefix: str, hidden: int, inner: int) -> Dict[str, "torch.Tensor"]:

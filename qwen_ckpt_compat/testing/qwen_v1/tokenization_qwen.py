@@ -1,7 +1,10 @@
 # Test fixture written for qwen-ckpt-compat: a byte-level stand-in for Qwen v1's tiktoken tokenizer.
 # It needs no vocabulary file and no tiktoken: ids 0..255 are the UTF-8 bytes, and the three special
-# tokens reuse the control bytes 0, 1 and 2, which never occur in ordinary text.
+# tokens reuse the control bytes 0, 1 and 2, which never occur in ordinary text. Like the real one it has its
+# own `tokenize`, which finds the special tokens itself (tiktoken's `allowed_special="all"`), so that transformers'
+# handling of added tokens (which stripped the whitespace around them before 4.34) never touches the text.
 
+import re
 from typing import Dict, List, Optional, Tuple, Union
 
 from transformers import PreTrainedTokenizer
@@ -11,6 +14,7 @@ IMSTART = "<|im_start|>"
 IMEND = "<|im_end|>"
 SPECIAL_TOKENS = {ENDOFTEXT: 0, IMSTART: 1, IMEND: 2}
 VOCAB_FILES_NAMES: Dict[str, str] = {}
+_SPECIAL_SPLIT = re.compile("(" + "|".join(re.escape(token) for token in SPECIAL_TOKENS) + ")")
 
 
 class QWenTokenizer(PreTrainedTokenizer):
@@ -40,6 +44,15 @@ class QWenTokenizer(PreTrainedTokenizer):
         vocab = {chr(i): i for i in range(256)}
         vocab.update(self.special_tokens)
         return vocab
+
+    def tokenize(self, text: str, **kwargs) -> List[str]:
+        tokens: List[str] = []
+        for part in _SPECIAL_SPLIT.split(text):
+            if part in self.special_tokens:
+                tokens.append(part)
+            elif part:
+                tokens += self._tokenize(part)
+        return tokens
 
     def _tokenize(self, text: str, **kwargs) -> List[str]:
         return [chr(b) for b in text.encode("utf-8")]
