@@ -536,7 +536,8 @@ def test_matrix_pins_are_the_constraints_files_pins():
 
 
 def _named_releases(text: str) -> set:
-    return set(re.findall(r"\b(peft|accelerate|transformers)\s*(?:==|>=)\s*([0-9][0-9.]*[0-9])", text))
+    """The releases an advice tells to install: ``'peft>=0.17.1'``, ``peft==0.13.0``."""
+    return set(re.findall(r"\b(peft|accelerate|transformers)(?:==|>=)([0-9][0-9.]*[0-9])", text))
 
 
 def _with_versions(monkeypatch, **versions) -> dict:

@@ -41,6 +41,8 @@ PROBLEM_IDS = frozenset(
         "peft-unusable",
         "accelerate-too-old",
         "peft-too-old-for-transformers",
+        "peft-fails-with-transformers",
+        "resume-from-checkpoint-fails",
         # the model
         "no-model-type",
         "unknown-model-type",
