@@ -196,6 +196,7 @@ def test_every_problem_id_is_declared_and_documented():
     assert len(emitted) > 20 and emitted <= doctor.PROBLEM_IDS, emitted - doctor.PROBLEM_IDS
     documented = (ROOT / "docs" / "doctor.md").read_text()
     assert not [i for i in doctor.PROBLEM_IDS if f"`{i}`" not in documented]
+    assert set(SCHEMA["$defs"]["problem"]["properties"]["id"]["enum"]) == doctor.PROBLEM_IDS
     with pytest.raises(ValueError, match="unknown problem id"):
         doctor.Problem("no-such-problem", "summary", "fix")
 
@@ -330,7 +331,7 @@ def test_reports_validate_against_the_schema(qwen_report, tmp_path):
                    diagnose(str(write_family(tmp_path / "glm", "chatglm")))):
         document = json.loads(json.dumps(report.to_json()))
         _assert_valid(document)
-        assert document["schema_version"] == 1 and document["exit_status"] == report.exit_status
+        assert document["schema_version"] == 2 and document["exit_status"] == report.exit_status
 
 
 def test_schema_validator_rejects_what_the_schema_forbids(qwen_report):
@@ -342,7 +343,8 @@ def test_schema_validator_rejects_what_the_schema_forbids(qwen_report):
         "extra property": lambda d: d["problems"][0].__setitem__("severity", "high"),
         "bad enum": lambda d: d["problems"][0].__setitem__("fixed_by", "magic"),
         "bad id": lambda d: d["problems"][0].__setitem__("id", "Not An Id"),
-        "bad const": lambda d: d.__setitem__("schema_version", 2),
+        "bad const": lambda d: d.__setitem__("schema_version", 1),
+        "unknown id": lambda d: d["problems"][0].__setitem__("id", "no-such-problem"),
         "bad exit": lambda d: d.__setitem__("exit_status", 3),
         "decoder blocks not strings": lambda d: d["model"].__setitem__("decoder_blocks", [1]),
     }
