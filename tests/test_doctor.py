@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,8 @@ from helpers import TRANSFORMERS
 from packaging.version import Version
 
 from qwen_ckpt_compat import doctor
-from qwen_ckpt_compat.doctor import SCHEMA_PATH, diagnose, render_text, run
+from qwen_ckpt_compat.doctor import SCHEMA_PATH, diagnose, environment, render_text, run
+from qwen_ckpt_compat.doctor.releases import KNOWN_AS_OF, MATRIX_PINS, MatrixPins, matrix_pins
 from qwen_ckpt_compat.testing import REMOTE_CODE_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,6 +215,7 @@ def test_every_problem_id_is_declared_and_documented():
     assert len(emitted) > 20 and emitted <= doctor.PROBLEM_IDS, emitted - doctor.PROBLEM_IDS
     documented = (ROOT / "docs" / "doctor.md").read_text()
     assert not [i for i in doctor.PROBLEM_IDS if f"`{i}`" not in documented]
+    assert set(SCHEMA["$defs"]["problem"]["properties"]["id"]["enum"]) == doctor.PROBLEM_IDS
     with pytest.raises(ValueError, match="unknown problem id"):
         doctor.Problem("no-such-problem", "summary", "fix")
 
@@ -350,7 +353,7 @@ def test_reports_validate_against_the_schema(qwen_report, tmp_path):
                    diagnose(str(write_family(tmp_path / "glm", "chatglm")))):
         document = json.loads(json.dumps(report.to_json()))
         _assert_valid(document)
-        assert document["schema_version"] == 1 and document["exit_status"] == report.exit_status
+        assert document["schema_version"] == 2 and document["exit_status"] == report.exit_status
 
 
 @pytest.mark.release_independent
@@ -363,7 +366,8 @@ def test_schema_validator_rejects_what_the_schema_forbids(qwen_report):
         "extra property": lambda d: d["problems"][0].__setitem__("severity", "high"),
         "bad enum": lambda d: d["problems"][0].__setitem__("fixed_by", "magic"),
         "bad id": lambda d: d["problems"][0].__setitem__("id", "Not An Id"),
-        "bad const": lambda d: d.__setitem__("schema_version", 2),
+        "bad const": lambda d: d.__setitem__("schema_version", 1),
+        "unknown id": lambda d: d["problems"][0].__setitem__("id", "no-such-problem"),
         "bad exit": lambda d: d.__setitem__("exit_status", 3),
         "decoder blocks not strings": lambda d: d["model"].__setitem__("decoder_blocks", [1]),
     }
@@ -555,3 +559,145 @@ def test_the_doctor_asks_the_speed_wing_what_this_torch_can_do():
     runtime = Runtime(installed_versions())
     assert runtime.selective_available is hasattr(torch.utils.checkpoint, "create_selective_checkpoint_contexts")
     assert runtime.attention_class_names == ("QWenAttention",)
+
+
+# --- what breaks training: a peft that fails, advice naming releases that exist, resuming ----------------
+
+
+def test_matrix_pins_are_the_constraints_files_pins():
+    """The releases the doctor may name are the matrix rows' pins: one truth, constraints/*.txt."""
+    found = set()
+    for path in (ROOT / "constraints").glob("*.txt"):
+        pins = dict(re.findall(r"^(transformers|peft|accelerate)==(\S+)$", path.read_text(), re.MULTILINE))
+        found.add(MatrixPins(pins["transformers"], pins["peft"], pins["accelerate"]))
+    assert found == set(MATRIX_PINS)
+    assert list(MATRIX_PINS) == sorted(MATRIX_PINS, key=lambda row: Version(row.transformers))
+    newest = (ROOT / "constraints" / f"{MATRIX_PINS[-1].transformers}-newest.txt").read_text()
+    assert f"on {KNOWN_AS_OF}T00:00:00Z" in newest.splitlines()[1]
+
+
+def _named_releases(text: str) -> set:
+    """The releases an advice tells to install: ``'peft>=0.17.1'``, ``peft==0.13.0``."""
+    return set(re.findall(r"\b(peft|accelerate|transformers)(?:==|>=)([0-9][0-9.]*[0-9])", text))
+
+
+def _with_versions(monkeypatch, **versions) -> dict:
+    """diagnose() sees these package versions (metadata) instead of the installed ones."""
+    seen = dict(doctor.installed_versions(), **versions)
+    monkeypatch.setattr(doctor, "installed_versions", lambda: dict(seen))
+    return seen
+
+
+def test_companion_advice_names_only_releases_that_exist(monkeypatch):
+    """transformers 5.23/5.24 ask for peft 0.22.0, which has no release: the doctor must not say to install it."""
+    minimums = {}
+    monkeypatch.setattr(environment.Runtime, "_minimum", lambda self, module, attribute: minimums.get(attribute))
+    known = {(package, getattr(row, package)) for row in MATRIX_PINS for package in ("peft", "accelerate")}
+
+    minimums.update(MIN_PEFT_VERSION=Version("0.22.0"), ACCELERATE_MIN_VERSION=Version("2.0.0"))
+    _with_versions(monkeypatch, peft="0.21.2", accelerate="1.15.0")
+    report = diagnose(None)
+    peft_fix = report.problem("peft-too-old-for-transformers").fix
+    accelerate_fix = report.problem("accelerate-too-old").fix
+    assert "peft >= 0.22.0 has no release yet" in peft_fix and "0.21.2" in peft_fix
+    assert "accelerate >= 2.0.0 has no release yet" in accelerate_fix
+    assert not _named_releases(peft_fix + accelerate_fix)
+
+    minimums.update(MIN_PEFT_VERSION=Version("0.17.0"), ACCELERATE_MIN_VERSION=Version("0.26.0"))
+    _with_versions(monkeypatch, peft="0.13.0", accelerate="0.25.0")
+    report = diagnose(None)
+    peft_fix = report.problem("peft-too-old-for-transformers").fix
+    accelerate_fix = report.problem("accelerate-too-old").fix
+    assert "pip install 'peft>=0.17.1'" in peft_fix and "pip install 'accelerate>=0.27.2'" in accelerate_fix
+    assert _named_releases(peft_fix + accelerate_fix) <= known
+
+
+_FAILING_PEFT = """\
+class LoraConfig:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+def get_peft_model(model, config):
+    raise AttributeError("module 'torch.distributed' has no attribute 'tensor'")
+"""
+
+
+def _shadow_peft(tmp_path: Path, source: str, version: str) -> dict:
+    """A peft package (and its metadata) ahead of the installed one, on PYTHONPATH."""
+    shadow = tmp_path / "shadow-peft"
+    (shadow / "peft").mkdir(parents=True)
+    (shadow / "peft" / "__init__.py").write_text(source)
+    (shadow / f"peft-{version}.dist-info").mkdir()
+    (shadow / f"peft-{version}.dist-info" / "METADATA").write_text(f"Metadata-Version: 2.1\nName: peft\nVersion: {version}\n")
+    return {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def test_peft_whose_get_peft_model_fails_is_reported_not_raised(tmp_path):
+    """transformers 4.45.2 with peft 0.21.2 and torch 2.13: peft imports, get_peft_model raises (peft's bug,
+    with or without the library); simulated here on every row by a peft that fails the same way."""
+    env = _shadow_peft(tmp_path, _FAILING_PEFT, "0.21.1")  # a release no matrix row pins
+    result = _cli("--json", env=env)
+    assert "Traceback" not in result.stderr, result.stderr
+    document = json.loads(result.stdout)
+    _assert_valid(document)
+    assert document["versions"]["peft"] == "0.21.1"
+    problem = next(p for p in document["problems"] if p["id"] == "peft-fails-with-transformers")
+    assert problem["needs_action"] and result.returncode == document["exit_status"] == 1
+    assert "get_peft_model" in problem["summary"]
+    assert "AttributeError: module 'torch.distributed' has no attribute 'tensor'" in problem["summary"]
+    pins = matrix_pins(str(TRANSFORMERS))
+    assert f"pip install 'peft=={pins.peft}'" in problem["fix"] and pins.transformers in problem["fix"]
+    assert "import torch.distributed.tensor" in problem["fix"]  # the workaround for this very error
+    text = _cli(env=env)
+    assert text.returncode == 1 and "ACTION peft-fails-with-transformers" in text.stdout
+
+
+def test_peft_that_works_is_not_reported(tmp_path):
+    working = _FAILING_PEFT.replace('raise AttributeError("module \'torch.distributed\' has no attribute \'tensor\'")',
+                                    "return model")
+    document = json.loads(_cli("--json", env=_shadow_peft(tmp_path, working, "0.21.2")).stdout)
+    assert "peft-fails-with-transformers" not in [p["id"] for p in document["problems"]]
+
+
+def test_peft_failing_at_import_is_peft_unusable_with_a_release_to_install(tmp_path):
+    env = _shadow_peft(tmp_path, "from transformers.modeling_layers_gone import X\n", "0.18.0")
+    document = json.loads(_cli("--json", env=env).stdout)
+    ids = [p["id"] for p in document["problems"]]
+    assert "peft-unusable" in ids and "peft-fails-with-transformers" not in ids
+    fix = next(p for p in document["problems"] if p["id"] == "peft-unusable")["fix"]
+    assert f"pip install 'peft=={matrix_pins(str(TRANSFORMERS)).peft}'" in fix
+
+
+def test_torch_load_probe_is_what_torch_load_does(monkeypatch):
+    """torch 2.6 made weights_only=True the default of torch.load: the RNG state Trainer saves (numpy's
+    among it) is refused, unless TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set."""
+    import torch
+
+    monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", raising=False)
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    refused = environment.torch_load_refuses_rng_state()
+    assert (refused is not None) is (Version(torch.__version__).release >= (2, 6))
+    if refused:
+        assert refused.startswith("UnpicklingError: Weights only load failed")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    assert environment.torch_load_refuses_rng_state() is None
+
+
+@pytest.mark.parametrize(
+    "transformers_version, torch_refuses, reported",
+    [("4.45.2", True, True), ("4.46.3", True, True), ("4.31.0", True, True), ("4.47.0", True, False),
+     ("5.24.0", True, False), ("4.45.2", False, False)],
+)
+def test_resume_from_checkpoint_broken_on_the_installed_pair(monkeypatch, transformers_version, torch_refuses,
+                                                              reported):
+    refusal = "UnpicklingError: Weights only load failed" if torch_refuses else None
+    monkeypatch.setattr(environment, "torch_load_refuses_rng_state", lambda: refusal)
+    versions = _with_versions(monkeypatch, transformers=transformers_version)
+    problem = diagnose(None).problem("resume-from-checkpoint-fails")
+    assert (problem is not None) is reported
+    if reported:
+        assert not problem.needs_action  # only resuming fails, as chat_stream's or a function's import
+        assert f"transformers {transformers_version}" in problem.summary and versions["torch"] in problem.summary
+        assert "resume_from_checkpoint" in problem.summary and "Weights only load failed" in problem.summary
+        assert "pip install 'transformers>=4.47.0'" in problem.fix and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1" in problem.fix

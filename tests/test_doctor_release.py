@@ -410,3 +410,57 @@ def test_companion_problems_are_transformers_own_judgement(report, native_llama)
 def test_the_reported_input_grads_capability_is_the_release_s(report):
     """5.0 made the enable method add the input-embedding hook itself (measured on the matrix rows)."""
     assert report.capabilities["enable_adds_input_grads"] is (TRANSFORMERS >= Version("5.0"))
+
+
+def test_resume_from_checkpoint_is_reported_where_it_fails(report, native_llama, tmp_path):
+    """Trainer saves a checkpoint (its rng_state.pth too), then a second Trainer resumes from it."""
+    import pickle
+
+    from transformers import Trainer, TrainingArguments
+
+    def trainer(model, steps):
+        args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, save_steps=1,
+                                 per_device_train_batch_size=2, report_to=[], logging_steps=100, seed=0)
+        ids = batch(vocab_size=native_llama.config.vocab_size, batch_size=4, length=8)["input_ids"]
+        data = [{"input_ids": row, "labels": row} for row in ids]
+        return Trainer(model=model, args=args, train_dataset=data)
+
+    trainer(native_llama, 1).train()
+    resumed = trainer(native_llama, 2)
+    problem = report.problem("resume-from-checkpoint-fails")
+    if problem is None:
+        resumed.train(resume_from_checkpoint=True)
+        assert resumed.state.global_step == 2
+    else:
+        with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+            resumed.train(resume_from_checkpoint=True)
+        assert "UnpicklingError: Weights only load failed" in problem.summary
+
+
+_LORA_IN_A_FRESH_INTERPRETER = """\
+import sys
+from qwen_ckpt_compat.testing import load_tiny_qwen, write_tiny_qwen
+model = load_tiny_qwen(write_tiny_qwen(sys.argv[1]))
+from helpers import lora
+lora(model)
+"""
+
+
+def test_peft_failing_is_reported_where_get_peft_model_fails(report, tmp_path):
+    """What a training script gets: LoRA on the tiny Qwen, in a fresh interpreter, with the library."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])
+    command = [sys.executable, "-c", _LORA_IN_A_FRESH_INTERPRETER, str(tmp_path / "model")]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path),
+                            timeout=600, check=False)
+    problem = report.problem("peft-fails-with-transformers")
+    if problem is None:
+        assert result.returncode == 0, result.stderr
+    else:
+        assert result.returncode != 0
+        assert problem.summary.rsplit("): ", 1)[1] in result.stderr.strip().splitlines()[-1]

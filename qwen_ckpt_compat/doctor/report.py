@@ -24,15 +24,15 @@ __all__ = [
     "use_colour",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The JSON Schema of :meth:`Report.to_json` (documented in docs/doctor.md).
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
 
 #: The library calls that can fix a problem; ``None`` in a problem means the library cannot fix it.
 FIXED_BY = ("import", "patch", "prepare_for_lora")
 
-#: Every problem id the doctor can report (docs/doctor.md explains each). Ids are stable: a new kind of problem
-#: gets a new id; an id is never reused for something else.
+#: Every problem id the doctor can report (docs/doctor.md explains each; schema.json lists them). Ids are stable:
+#: a new kind of problem gets a new id (and a new schema version); an id is never reused for something else.
 PROBLEM_IDS = frozenset(
     {
         # the installation
@@ -41,6 +41,8 @@ PROBLEM_IDS = frozenset(
         "peft-unusable",
         "accelerate-too-old",
         "peft-too-old-for-transformers",
+        "peft-fails-with-transformers",
+        "resume-from-checkpoint-fails",
         # the model
         "no-model-type",
         "unknown-model-type",
