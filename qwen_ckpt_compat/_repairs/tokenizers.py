@@ -118,7 +118,7 @@ def accept_padding_side(cls: type) -> list:
     """Lets a remote ``_pad`` without ``padding_side`` take it (see the module doc). Idempotent."""
     base = _tokenizer_base()
     pad = cls.__dict__.get("_pad")
-    if base is None or pad is None or _takes(pad, "padding_side") or "padding_side" not in parameters(base._pad):
+    if base is None or pad is None or _takes(pad, "padding_side") or "padding_side" not in parameters(getattr(base, "_pad")):
         return []
     what = "accepts padding_side (4.45+ passes it), read as the padding_side attribute while it runs"
     if registry.wrap(cls, "_pad", _pad_with_side, group=tokenizer_group(cls), what=what):
@@ -360,7 +360,7 @@ def keep_saved_switches(cls: type) -> list:
         return []
     init = getattr(init, "__wrapped_original__", init)
     names = tuple(name for name in _SAVED_SWITCHES if name in parameters(init))
-    if not names or not set(names) & _code_constants(base.save_pretrained):
+    if not names or not set(names) & _code_constants(getattr(base, "save_pretrained")):
         return []
     what = f"writes {', '.join(names)} to tokenizer_config.json (5.x leaves them out)"
     if registry.wrap(cls, "save_pretrained", _save_with_switches(names), group=tokenizer_group(cls), what=what):
