@@ -78,7 +78,7 @@ def _tokenizer_base() -> Optional[type]:
 
 def is_remote_tokenizer_class(cls: Any) -> bool:
     """A tokenizer class that transformers does not define (remote code, or the user's)."""
-    base = _tokenizer_base()
+    base: Any = _tokenizer_base()
     return isinstance(cls, type) and base is not None and issubclass(cls, base) and not is_transformers_class(cls)
 
 
@@ -116,9 +116,9 @@ def _pad_with_side(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
 
 def accept_padding_side(cls: type) -> list:
     """Lets a remote ``_pad`` without ``padding_side`` take it (see the module doc). Idempotent."""
-    base = _tokenizer_base()
+    base: Any = _tokenizer_base()
     pad = cls.__dict__.get("_pad")
-    if base is None or pad is None or _takes(pad, "padding_side") or "padding_side" not in parameters(getattr(base, "_pad")):
+    if base is None or pad is None or _takes(pad, "padding_side") or "padding_side" not in parameters(base._pad):
         return []
     what = "accepts padding_side (4.45+ passes it), read as the padding_side attribute while it runs"
     if registry.wrap(cls, "_pad", _pad_with_side, group=tokenizer_group(cls), what=what):
@@ -354,13 +354,13 @@ def _save_with_switches(names: tuple) -> Callable:
 
 def keep_saved_switches(cls: type) -> list:
     """``save_pretrained`` of ``cls`` keeps the ``add_*_token`` its ``__init__`` takes (see the module doc)."""
-    base = _tokenizer_base()
+    base: Any = _tokenizer_base()
     init = cls.__dict__.get("__init__")
     if base is None or init is None:
         return []
     init = getattr(init, "__wrapped_original__", init)
     names = tuple(name for name in _SAVED_SWITCHES if name in parameters(init))
-    if not names or not set(names) & _code_constants(getattr(base, "save_pretrained")):
+    if not names or not set(names) & _code_constants(base.save_pretrained):
         return []
     what = f"writes {', '.join(names)} to tokenizer_config.json (5.x leaves them out)"
     if registry.wrap(cls, "save_pretrained", _save_with_switches(names), group=tokenizer_group(cls), what=what):
