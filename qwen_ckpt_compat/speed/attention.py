@@ -101,13 +101,18 @@ def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tup
 
 
 def _training_call(instance: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
-    """A call of a training step: the module in training mode, keeping no KV cache.
+    """A call of a training step: the module in training mode, with grad or keeping no KV cache.
 
     Grad mode cannot tell: reentrant checkpointing runs a block's forward without grad (and its recompute with it),
     so a block's forward and its recompute would take different kernels; ``generate`` (``chat()`` too) keeps a
     cache, also in training mode (``chat()`` straight after ``trainer.train()``).
     """
-    return instance.training and not _argument(type(instance).forward, args, kwargs, "use_cache")
+    if not instance.training:
+        return False
+    # A forward with grad is a training step's, whether or not it returns its keys and values (a model trained
+    # without checkpointing keeps `use_cache` from its config); without grad, only one that keeps no cache is
+    # (the forward of a block under reentrant checkpointing, which the block owner runs with `use_cache=False`).
+    return torch.is_grad_enabled() or not _argument(type(instance).forward, args, kwargs, "use_cache")
 
 
 @functools.lru_cache(maxsize=None)
