@@ -14,6 +14,7 @@ __all__ = [
     "INSTALLED_MARK",
     "REPAIRS",
     "code_names",
+    "code_objects",
     "defines",
     "generation_mixin",
     "is_transformers_class",
@@ -66,16 +67,23 @@ def generation_mixin() -> Optional[type]:
         return None
     return GenerationMixin
 
-def code_names(function: Any) -> set:
-    """Every global and attribute name a function's code (nested functions included) refers to."""
+
+def code_objects(function: Any) -> list:
+    """The code of a function and of every function nested in it."""
     code = getattr(getattr(function, "__func__", function), "__code__", None)
-    names: set = set()
+    found: list = []
     stack = [code] if code is not None else []
     while stack:
         current = stack.pop()
-        names.update(current.co_names)
+        found.append(current)
         stack.extend(c for c in current.co_consts if isinstance(c, types.CodeType))
-    return names
+    return found
+
+
+def code_names(function: Any) -> set:
+    """Every global and attribute name a function's code (nested functions included) refers to."""
+    return {name for code in code_objects(function) for name in code.co_names}
+
 
 def remote_package_modules(cls: type) -> list:
     """The modules of the remote-code package ``cls`` was loaded from (``transformers_modules.<repo>...``)."""

@@ -45,7 +45,7 @@ import threading
 from typing import Any, Callable, Hashable, Optional
 
 from .._patches import registry
-from ._classes import INSTALLED_MARK, code_names, is_transformers_class, parameters
+from ._classes import INSTALLED_MARK, code_names, code_objects, is_transformers_class, parameters
 
 __all__ = [
     "accept_padding_side",
@@ -316,17 +316,8 @@ _SAVED_SWITCHES = ("add_bos_token", "add_eos_token")
 
 
 def _code_constants(function: Any) -> set:
-    code = getattr(getattr(function, "__func__", function), "__code__", None)
-    found: set = set()
-    stack = [code] if code is not None else []
-    while stack:
-        current = stack.pop()
-        for constant in current.co_consts:
-            if isinstance(constant, str):
-                found.add(constant)
-            elif hasattr(constant, "co_consts"):
-                stack.append(constant)
-    return found
+    """The string constants of a function's code, nested functions included."""
+    return {constant for code in code_objects(function) for constant in code.co_consts if isinstance(constant, str)}
 
 
 def _save_with_switches(names: tuple) -> Callable:
