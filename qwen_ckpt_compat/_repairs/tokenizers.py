@@ -1,6 +1,6 @@
 """Remote slow tokenizers: what their 2023 code relies on that later transformers releases changed.
 
-Five repairs, each detected on the tokenizer class's own code (never by version), installed only on classes
+Six repairs, each detected on the tokenizer class's own code (never by version), installed only on classes
 loaded from remote code (never on transformers' own), through the patch registry in the group
 ``("tokenizers", cls)`` of each class, so that :func:`undo_tokenizer_repairs` (and ``qwen_ckpt_compat.unpatch``
 given the class or a tokenizer) puts back the exact original attributes:
@@ -23,8 +23,12 @@ given the class or a tokenizer) puts back the exact original attributes:
 * **special tokens as read-only properties** (ChatGLM2/3's ``eos_token``, ``pad_token``, ``unk_token``): from 4.34
   ``save_pretrained`` writes them into ``tokenizer_config.json`` and the base ``__init__`` sets every special
   token it is given, so a saved tokenizer does not load again: "can't set attribute 'eos_token'" (3.11+:
-  "property 'eos_token' of 'ChatGLMTokenizer' object has no setter"). The property gets a setter that accepts
-  the value it already answers (what was saved) and raises the same ``AttributeError`` for any other.
+  "property 'eos_token' of 'ChatGLMTokenizer' object has no setter"). From 4.47 the base keeps them in a table
+  of its own instead, past the property, and adds those absent from ``get_vocab()`` (ChatGLM's maps its special
+  ids to ``""``) as new tokens: the reloaded tokenizer is two tokens longer and its ``unk_token_id`` is a new id.
+  The class's ``__init__`` keeps these tokens away from the base ``__init__``, so a saved tokenizer loads as the
+  original did on every release; a saved value other than the one the property answers is ignored with a
+  warning.
 * **``add_bos_token`` / ``add_eos_token`` saved** (Baichuan2, whose ``tokenizer_config.json`` turns the BOS
   off): 5.x's ``save_pretrained`` leaves them out of ``tokenizer_config.json`` (fast tokenizers keep them in
   ``tokenizer.json``), so a saved Baichuan2 tokenizer came back adding a BOS. Where the class's ``__init__``
@@ -33,6 +37,10 @@ given the class or a tokenizer) puts back the exact original attributes:
 * **``batch_encode_plus`` / ``encode_plus`` called by the remote code** (ChatGLM3's ``build_chat_input``): 5.x
   removed them; where the class's code calls one and the class no longer has it, it is given one that calls
   the tokenizer (``__call__``), as those methods did.
+* **``clean_up_tokenization`` called by the remote code** (InternLM's ``convert_tokens_to_string``): 5.0 to 5.2
+  removed it from ``PreTrainedTokenizerBase`` (5.3 has it again), so ``decode`` raised ``AttributeError``; where the
+  class's code calls it and no class has it, it is given one that removes the spaces an English tokenization
+  leaves before punctuation and contractions, as the base method does.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ import inspect
 import sys
 import textwrap
 import threading
+import warnings
 from typing import Any, Callable, Hashable, Optional
 
 from .._patches import registry
@@ -53,7 +62,7 @@ __all__ = [
     "is_remote_tokenizer_class",
     "keep_saved_switches",
     "prepare_tokenizer_class",
-    "restore_encode_methods",
+    "restore_removed_methods",
     "set_attributes_before_base_init",
     "tokenizer_group",
     "undo_tokenizer_repairs",
@@ -285,29 +294,43 @@ def _content(token: Any) -> Any:
     return getattr(token, "content", token)
 
 
-def _accepting_setter(name: str, getter: Callable) -> Callable:
-    def setter(self: Any, value: Any) -> None:
-        """Accepts the value the read-only property already answers (a saved tokenizer's), as a no-op."""
-        if value is None or _content(value) == _content(getter(self)):
-            return
-        raise AttributeError(f"property {name!r} of {type(self).__name__!r} object has no setter")
+def _read_only_special_tokens(cls: type) -> tuple:
+    """The special tokens ``cls`` itself answers with a property that has no setter."""
+    return tuple(
+        name
+        for name in _SPECIAL_TOKENS
+        if isinstance(cls.__dict__.get(name), property) and cls.__dict__[name].fset is None
+    )
 
-    setter.__dict__[INSTALLED_MARK] = True
-    return setter
+
+def _init_without(names: tuple) -> Callable:
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        """``__init__`` that keeps the special tokens the class answers itself away from the base ``__init__``."""
+        given = {name: kwargs.pop(name) for name in names if name in kwargs}
+        result = wrapped(*args, **kwargs)
+        for name, value in given.items():
+            answered = getattr(instance, name, None)
+            if value is not None and _content(value) != _content(answered):
+                warnings.warn(
+                    f"{type(instance).__name__} answers {name} with a read-only property ({answered!r}); the "
+                    f"{_content(value)!r} it was given (from a saved tokenizer_config.json?) is ignored",
+                    UserWarning,
+                    stacklevel=2,
+                )
+        return result
+
+    return wrapper
 
 
 def accept_saved_special_tokens(cls: type) -> list:
-    """Read-only special-token properties of ``cls`` accept the value they answer (see the module doc)."""
-    installed = []
-    for name in _SPECIAL_TOKENS:
-        member = cls.__dict__.get(name)
-        if not isinstance(member, property) or member.fset is not None or member.fget is None:
-            continue
-        replacement = property(member.fget, _accepting_setter(name, member.fget), member.fdel, member.__doc__)
-        what = "accepts the value it answers (4.34+ sets the saved special tokens)"
-        if registry.set(cls, name, replacement, group=tokenizer_group(cls), what=what):
-            installed.append(f"{cls.__qualname__}.{name} ({what})")
-    return installed
+    """``cls``'s ``__init__`` does not pass on the special tokens it answers itself (see the module doc)."""
+    names = _read_only_special_tokens(cls)
+    if not names or "__init__" not in cls.__dict__:
+        return []
+    what = f"leaves {', '.join(names)} (read-only properties) out of the base __init__ (4.34+ sets the saved ones)"
+    if registry.wrap(cls, "__init__", _init_without(names), group=tokenizer_group(cls), what=what):
+        return [f"{cls.__qualname__}.__init__ ({what})"]
+    return []
 
 
 # --- add_bos_token / add_eos_token in tokenizer_config.json -------------------------------------------------
@@ -359,7 +382,7 @@ def keep_saved_switches(cls: type) -> list:
     return []
 
 
-# --- encode_plus / batch_encode_plus ------------------------------------------------------------------------
+# --- encode_plus / batch_encode_plus / clean_up_tokenization ------------------------------------------------
 
 
 def _encode_plus(self: Any, text: Any, text_pair: Any = None, **kwargs: Any) -> Any:
@@ -376,13 +399,35 @@ def _batch_encode_plus(self: Any, batch_text_or_text_pairs: Any, **kwargs: Any) 
     return self(batch, **kwargs)
 
 
-_REMOVED = {"encode_plus": _encode_plus, "batch_encode_plus": _batch_encode_plus}
-for _function in _REMOVED.values():
+#: What ``clean_up_tokenization`` replaces, in this order: the space an English tokenization leaves before
+#: punctuation and contractions (and around a lone apostrophe).
+_TOKENIZATION_ARTIFACTS = (
+    (" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),
+    (" n't", "n't"), (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"),
+)
+
+
+def _clean_up_tokenization(out_string: str) -> str:
+    """``clean_up_tokenization`` as transformers has it outside 5.0-5.2: the artifacts above lose their space."""
+    for artifact, joined in _TOKENIZATION_ARTIFACTS:
+        out_string = out_string.replace(artifact, joined)
+    return out_string
+
+
+_REMOVED: dict = {
+    "encode_plus": (_encode_plus, "removed in 5.0; calls the tokenizer, as it did"),
+    "batch_encode_plus": (_batch_encode_plus, "removed in 5.0; calls the tokenizer, as it did"),
+    "clean_up_tokenization": (
+        staticmethod(_clean_up_tokenization),
+        "absent from 5.0 to 5.2; joins the spaces before punctuation, as it did",
+    ),
+}
+for _function in (_encode_plus, _batch_encode_plus, _clean_up_tokenization):
     _function.__dict__[INSTALLED_MARK] = True
 
 
-def restore_encode_methods(cls: type) -> list:
-    """Gives the outermost remote class the ``encode_plus`` / ``batch_encode_plus`` its code calls, where gone."""
+def restore_removed_methods(cls: type) -> list:
+    """Gives the outermost remote class the base methods its code calls that this transformers lacks."""
     classes = _remote_classes(cls)
     if not classes:
         return []
@@ -393,9 +438,8 @@ def restore_encode_methods(cls: type) -> list:
             used |= code_names(function)
     owner = classes[-1]
     installed = []
-    for name, replacement in _REMOVED.items():
+    for name, (replacement, what) in _REMOVED.items():
         if name in used and inspect.getattr_static(cls, name, _MISSING) is _MISSING:
-            what = "removed in 5.0; calls the tokenizer, as it did"
             if registry.set(owner, name, replacement, group=tokenizer_group(owner), what=what):
                 installed.append(f"{owner.__qualname__}.{name} ({what})")
     return installed
@@ -418,7 +462,7 @@ def prepare_tokenizer_class(cls: type) -> list:
         installed += set_attributes_before_base_init(klass)
         installed += accept_saved_special_tokens(klass)
         installed += keep_saved_switches(klass)
-    installed += restore_encode_methods(cls)
+    installed += restore_removed_methods(cls)
     return installed
 
 
