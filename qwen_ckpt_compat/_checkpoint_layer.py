@@ -37,6 +37,7 @@ from ._hooks import engine_hooks, speed_hooks
 from ._input_grads import set_input_grads
 from ._model_state import existing_state, state_of
 from ._settings import CheckpointSettings
+from ._versions import compiling
 from .errors import CompatWarning
 
 __all__ = [
@@ -62,12 +63,12 @@ FUNC = "_gradient_checkpointing_func"
 
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
-    attributes = instance.__dict__
     state = existing_state(instance)
     training = instance.training and torch.is_grad_enabled()
     if state is not None and state.before_blocks is not None and training:
         state.before_blocks(instance, wrapped, args, kwargs)  # may re-flag every block
-    if not (attributes.get(FLAG) and training) or (state is not None and state.engine_checkpoints):
+    # Attribute reads (not `__dict__` lookups): torch.compile guards them (see `existing_state`).
+    if not (getattr(instance, FLAG, False) and training) or (state is not None and state.engine_checkpoints):
         return wrapped(*args, **kwargs)
     if not _gradient_can_flow(instance, args, kwargs):
         return wrapped(*args, **kwargs)  # nothing would be saved for a backward pass: nothing to recompute
@@ -81,7 +82,7 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
             state.checkpoint_forward = False
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
-    return attributes[FUNC](functools.partial(wrapped, **kwargs), *args)
+    return getattr(instance, FUNC)(functools.partial(wrapped, **kwargs), *args)
 
 
 def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -103,7 +104,7 @@ def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, arg
     if state is None or not state.checkpoint_forward:
         return wrapped(*args, **kwargs)
     state.checkpoint_forward = False
-    return instance.__dict__[FUNC](functools.partial(wrapped, **kwargs), *args)
+    return getattr(instance, FUNC)(functools.partial(wrapped, **kwargs), *args)
 
 
 _USE_CACHE_POSITIONS: dict = {}  # forward -> position; a plain dict, which torch.compile reads without tracing
@@ -141,7 +142,7 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
         kwargs = {**kwargs, "use_cache": False}
     if requested is None:
         requested = getattr(getattr(instance, "config", None), "use_cache", False)
-    if requested and state.warn_once("use_cache"):
+    if requested and not compiling() and state.warn_once("use_cache"):  # logging would break a compiled graph
         logger.warning("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
     return wrapped(*args, **kwargs)
 

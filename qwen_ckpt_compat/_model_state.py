@@ -70,8 +70,13 @@ def state_of(module: Any) -> State:
 
 
 def existing_state(module: Any) -> Optional[State]:
-    """The :class:`State` of ``module``, or ``None`` when the library keeps nothing about it."""
-    return module.__dict__.get(ATTRIBUTE)
+    """The :class:`State` of ``module``, or ``None`` when the library keeps nothing about it.
+
+    Read with ``getattr`` (the instance's ``__dict__`` first, as :func:`state_of` writes it): ``torch.compile``
+    guards an attribute read, not a lookup in ``__dict__``, and without that guard a model compiled before
+    another of its class was prepared would reuse the graph of the unprepared one.
+    """
+    return getattr(module, ATTRIBUTE, None)
 
 
 def clear(module: Any) -> Optional[State]:

@@ -190,11 +190,6 @@ def fresh_dynamo():
 
 
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile does not run on this Python/torch")
-@pytest.mark.xfail(
-    strict=False,
-    reason="open: passed on its own branch; since the merge with the speed options and the thread-safe loading, a "
-    "compiled model saves as much as without checkpointing again (cause not found yet)",
-)
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("order", ["prepare_then_compile", "compile_then_prepare"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

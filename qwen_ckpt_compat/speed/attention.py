@@ -40,6 +40,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from .._model_state import existing_state, state_of
+from .._versions import compiling
 
 __all__ = ["ALWAYS", "ATTENTION_CLASS_NAMES", "TRAINING", "attention_modules", "fused_attention_call", "set_fused_attention"]
 
@@ -93,6 +94,10 @@ def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tup
     state = existing_state(instance)
     mode = state.fused_attention if state is not None else None
     if mode is None or (mode == TRAINING and not _training_call(instance, args, kwargs)):
+        return wrapped(*args, **kwargs)
+    if compiling():
+        # Its mask checks read tensor data: under torch.compile that breaks the graph inside the checkpointed
+        # block, and the compiled model then keeps every activation. The masked call is compiled as it is.
         return wrapped(*args, **kwargs)
     if not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
         return wrapped(*args, **kwargs)
