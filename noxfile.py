@@ -285,6 +285,10 @@ ERA_ROWS_BY_ID = {era.id: era for era in ERA_ROWS}
 # Variant sessions (tests-no-tsg, tests-vision) repeat a row that already ran both: they run neither.
 SPAWN_ROWS = tuple(row.id for row in ROWS if row.spawns) + tuple(era.id for era in ERA_ROWS if era.spawns)
 SPAWNS_SKIPPED = f"the multi-process engine runs are launched on {', '.join(SPAWN_ROWS)} only (noxfile.py SPAWN_ROWS)"
+# - `heavy` (several seconds each, about 100 s of a row on CI's 2 cores: torch.compile's graphs, the doctor's command
+#   line run against a stand-in peft) run on the same rows as `spawns`: what they check is decided by torch (one per
+#   era row) or by the library's own code, with the transformers release only a bystander.
+HEAVY_SKIPPED = f"the tests marked heavy run on {', '.join(SPAWN_ROWS)} only (noxfile.py SPAWN_ROWS)"
 RELEASE_INDEPENDENT_ROWS = (ROWS[-1].id, ERA_ROWS[0].id)
 ALL_TESTS = os.environ.get("QCC_ALL_TESTS", "") not in ("", "0")  # QCC_ALL_TESTS=1: every session runs every test
 # The test runner and its dependencies resolve as of TOOLS_CUTOFF in era rows too (the newest pytest that
@@ -467,7 +471,7 @@ def _install_and_test(
     if (variant or row_id not in RELEASE_INDEPENDENT_ROWS) and not ALL_TESTS:
         selection += ["-m", "not release_independent"]
     if (variant or row_id not in SPAWN_ROWS) and not ALL_TESTS:
-        selection += ["--skip-marked", f"spawns={SPAWNS_SKIPPED}"]
+        selection += ["--skip-marked", f"spawns={SPAWNS_SKIPPED}", "--skip-marked", f"heavy={HEAVY_SKIPPED}"]
     with _timed(session, "pytest"):
         session.run(
             "python",

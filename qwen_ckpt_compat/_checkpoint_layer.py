@@ -37,7 +37,6 @@ from ._hooks import engine_hooks, speed_hooks
 from ._input_grads import set_input_grads
 from ._model_state import existing_state, state_of
 from ._settings import CheckpointSettings
-from ._versions import compiling
 from .errors import CompatWarning
 
 __all__ = [
@@ -46,6 +45,7 @@ __all__ = [
     "checkpointed_block_call",
     "checkpointed_block_forward",
     "clear",
+    "compiling",
     "owner_call",
     "route",
     "route_blocks",
@@ -59,6 +59,18 @@ FUNC = "_gradient_checkpointing_func"
 
 
 # --------------------------------------------------------------------------------------------- wrappers
+
+_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch 2.3+
+
+
+def compiling() -> bool:
+    """Whether ``torch.compile`` is tracing the current call.
+
+    Code that only logs, or that reads tensor data to choose a path, steps aside there: either one breaks the
+    graph, and a break inside a checkpointed block makes the compiled model keep every activation.
+    """
+    return _IS_COMPILING is not None and _IS_COMPILING()
+
 
 
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:

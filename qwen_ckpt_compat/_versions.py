@@ -17,7 +17,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from packaging.version import Version
 
 from .errors import UnsupportedTorchError
@@ -27,7 +26,6 @@ __all__ = [
     "Capabilities",
     "capabilities",
     "checkpoint_keywords",
-    "compiling",
     "installed_version",
     "require_checkpoint_keywords",
     "save_on_cpu_takes_device_type",
@@ -203,14 +201,3 @@ def save_on_cpu_takes_device_type() -> bool:
     named = _keyword_parameters(torch.autograd.graph.save_on_cpu)  # the class: its __init__ without self
     return named is None or "device_type" in named
 
-
-def compiling() -> bool:
-    """Whether ``torch.compile`` is tracing the current call (``torch.compiler.is_compiling``, torch 2.3+).
-
-    Code that only logs, or that reads tensor data to choose a path, steps aside there: either one breaks the
-    graph, and a break inside a checkpointed block makes the compiled model keep every activation.
-    """
-    return _IS_COMPILING is not None and _IS_COMPILING()
-
-
-_IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)

@@ -190,6 +190,7 @@ def fresh_dynamo():
 
 
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile does not run on this Python/torch")
+@pytest.mark.heavy  # compiling takes seconds; torch decides what it traces (each era row has its own)
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("order", ["prepare_then_compile", "compile_then_prepare"])
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])

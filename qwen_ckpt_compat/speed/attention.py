@@ -39,8 +39,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch.overrides import TorchFunctionMode
 
+from .._checkpoint_layer import compiling
 from .._model_state import existing_state, state_of
-from .._versions import compiling
 
 __all__ = ["ALWAYS", "ATTENTION_CLASS_NAMES", "TRAINING", "attention_modules", "fused_attention_call", "set_fused_attention"]
 
