@@ -194,7 +194,7 @@ def test_bad_option_type(qwen):
         prepare_for_lora(qwen, fused_attention=True)  # a Qwen model: no warning
 
 
-# ------------------------------------------------------------------------------- the default (issue 20, item 1)
+# ------------------------------------------------------------- the default: fused in training calls, off elsewhere
 
 
 def test_by_default_inference_takes_the_remote_path(qwen, tiny_qwen_dir):

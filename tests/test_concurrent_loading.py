@@ -1,4 +1,4 @@
-"""Remote code loaded from several threads at once (issue 18, item 4).
+"""Remote code loaded from several threads at once (servers, data loaders with worker threads, notebooks).
 
 Two threads calling ``from_pretrained(..., trust_remote_code=True)`` at the same moment used to fail with the
 library imported (an ``ast.parse`` per load from two threads, the streaming package imported on every load racing

@@ -95,7 +95,7 @@ def test_non_reentrant_adds_no_input_hook_and_switching_removes_ours(qwen):
 
 @pytest.mark.parametrize("use_cache", [True, False])
 def test_a_prepared_trained_saved_model_keeps_its_use_cache(tmp_path, use_cache):
-    """Issue 18, item 7b: the saved config said `use_cache: false`, and the reloaded model generated without cache.
+    """Once, the saved config said `use_cache: false`, and the reloaded model generated without cache.
 
     Training checkpointed runs without the cache all the same (the block owner turns it off, see
     test_checkpointing.py); the config keeps what the user had.

@@ -78,7 +78,7 @@ def test_demo_shows_the_problem_then_trains_with_falling_loss():
 
 
 def test_demo_prints_the_same_losses_every_run():
-    """Issue 18, item 7c: the demo is seeded (LoRA's initialisation drew from torch's global generator)."""
+    """The demo is seeded (LoRA's initialisation drew from torch's global generator)."""
     import io
     import re
 

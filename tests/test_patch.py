@@ -209,7 +209,7 @@ def _no_block_warning(model) -> str:
     ],
 )
 def test_the_no_blocks_warning_says_what_is_the_case(qwen, names, says):
-    """Issue 18, item 7a: "names no decoder blocks" was said also where it names classes the model has elsewhere."""
+    """"Names no decoder blocks" was once said also where `_no_split_modules` names classes the model has elsewhere."""
     qwen._no_split_modules = names
     text = _no_block_warning(qwen)
     assert re.search(says, text), text

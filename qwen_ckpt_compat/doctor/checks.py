@@ -165,8 +165,8 @@ def _options_not_honoured(ctx: _Context) -> tuple:
         if facts.decoder_blocks == []:
             names += _NO_BLOCKS
             reasons.append(
-                "the model names no decoder blocks in _no_split_modules, so its remote code checkpoints itself, "
-                "reentrantly and every layer"
+                "the model class sets no (or an empty) _no_split_modules, where the library finds the decoder "
+                "blocks, so its remote code checkpoints itself, reentrantly and every layer"
             )
         known = ctx.runtime.attention_class_names
         classes = {name for module in model.model_modules for name in module.classes}
