@@ -25,7 +25,6 @@ state is the module's :class:`~qwen_ckpt_compat._model_state.State` and the two 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import warnings
@@ -94,7 +93,17 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
             state.checkpoint_forward = False
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
-    return getattr(instance, FUNC)(functools.partial(wrapped, **kwargs), *args)
+    return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+
+
+def _bound(function: Callable, kwargs: dict) -> Callable:
+    """``function`` with ``kwargs`` bound: a closure, which torch 2.1's dynamo traces into a checkpoint (a partial it
+    does not)."""
+
+    def call(*args: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return call
 
 
 def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> bool:
@@ -116,7 +125,7 @@ def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, arg
     if state is None or not state.checkpoint_forward:
         return wrapped(*args, **kwargs)
     state.checkpoint_forward = False
-    return getattr(instance, FUNC)(functools.partial(wrapped, **kwargs), *args)
+    return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
 
 
 _USE_CACHE_POSITIONS: dict = {}  # forward -> position; a plain dict, which torch.compile reads without tracing
