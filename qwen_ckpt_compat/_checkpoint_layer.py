@@ -60,6 +60,10 @@ FUNC = "_gradient_checkpointing_func"
 # --------------------------------------------------------------------------------------------- wrappers
 
 _IS_COMPILING = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch 2.3+
+# Under torch.compile a block is checkpointed in its `forward`, not its `__call__`: torch 2.5's dynamo traces a
+# module's `_call_impl` and never sees a `__call__` its class defines (2.13's sees both). torch 2.1's dynamo
+# cannot trace that `forward` checkpoint (its `__call__` one it can). Measured on 2.1.1, 2.5.1 and 2.13 (2026-12-03).
+_COMPILED_IN_FORWARD = tuple(int(part) for part in torch.__version__.split(".")[:2] if part.isdigit()) >= (2, 2)
 
 
 def compiling() -> bool:
@@ -78,11 +82,8 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
     training = instance.training and torch.is_grad_enabled()
     if state is not None and state.before_blocks is not None and training:
         state.before_blocks(instance, wrapped, args, kwargs)  # may re-flag every block
-    # Attribute reads (not `__dict__` lookups): torch.compile guards them (see `existing_state`).
-    if not (getattr(instance, FLAG, False) and training) or (state is not None and state.engine_checkpoints):
+    if (_COMPILED_IN_FORWARD and compiling()) or not _checkpoints(instance, state, training, args, kwargs):
         return wrapped(*args, **kwargs)
-    if not _gradient_can_flow(instance, args, kwargs):
-        return wrapped(*args, **kwargs)  # nothing would be saved for a backward pass: nothing to recompute
     if engine_hooks().checkpoints_inside_hooks(instance):
         # The hooks run first and `checkpointed_block_forward` checkpoints what they hand to `forward`.
         state = state_of(instance)
@@ -94,6 +95,15 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
     return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+
+
+def _checkpoints(instance: torch.nn.Module, state: Any, training: bool, args: tuple, kwargs: dict) -> bool:
+    """Whether this call of a block is checkpointed: flagged, a training call, no engine's checkpointing in its
+    place, and a gradient to flow through it."""
+    # Attribute reads (not `__dict__` lookups): torch.compile guards them (see `existing_state`).
+    if not (getattr(instance, FLAG, False) and training) or (state is not None and state.engine_checkpoints):
+        return False
+    return _gradient_can_flow(instance, args, kwargs)  # else nothing is saved for backward: nothing to recompute
 
 
 def _bound(function: Callable, kwargs: dict) -> Callable:
@@ -120,12 +130,17 @@ def _gradient_can_flow(block: torch.nn.Module, args: tuple, kwargs: dict) -> boo
 
 
 def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """wrapt wrapper for a decoder block's ``forward``: checkpoints it when ``__call__`` asked for that."""
+    """wrapt wrapper for a decoder block's ``forward``: checkpoints it when ``__call__`` asked for that, and under
+    ``torch.compile`` (see ``_COMPILED_IN_FORWARD``)."""
     state = existing_state(instance)
-    if state is None or not state.checkpoint_forward:
-        return wrapped(*args, **kwargs)
-    state.checkpoint_forward = False
-    return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+    if state is not None and state.checkpoint_forward:
+        state.checkpoint_forward = False
+        return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+    if _COMPILED_IN_FORWARD and compiling():
+        training = instance.training and torch.is_grad_enabled()
+        if _checkpoints(instance, state, training, args, kwargs):
+            return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+    return wrapped(*args, **kwargs)
 
 
 _USE_CACHE_POSITIONS: dict = {}  # forward -> position; a plain dict, which torch.compile reads without tracing

@@ -1,7 +1,7 @@
 """The import hook: old remote code is prepared the moment transformers loads it.
 
 While enabled (it is, from ``import qwen_ckpt_compat`` on, unless ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1`` is
-set), two functions of ``transformers.dynamic_module_utils`` are wrapped, through the patch registry (group
+set), three functions of ``transformers.dynamic_module_utils`` are wrapped, through the patch registry (group
 ``("loading",)``):
 
 * ``get_class_in_module``: every class transformers loads from remote code is handed to
@@ -12,9 +12,13 @@ set), two functions of ``transformers.dynamic_module_utils`` are wrapped, throug
   new-API remote code (internlm2, MiniCPM) are returned untouched.
 * ``check_imports``: a Qwen-style file loads although its lazily imported streaming package cannot import
   (:func:`qwen_ckpt_compat._repairs.streaming.check_imports`); every other file is checked as before.
+* ``get_cached_module_file``, with ``get_class_in_module``: one remote load at a time copies the files into the
+  module cache and imports them. transformers copies them outside its own lock, so a thread could import a file
+  another thread was still writing (``module '...configuration_qwen' has no attribute 'QWenConfig'``, seen from
+  four threads loading one folder: 9 rounds in 150 on 4.45.2). Only those two steps wait; weights load in parallel.
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
-:func:`disable_remote_code_loading` undoes the two wrappers (one wrapped since by another library stays, inert:
+:func:`disable_remote_code_loading` undoes the wrappers (one wrapped since by another library stays, inert:
 that library's wrapper is never removed); classes already loaded keep their patches
 (:func:`qwen_ckpt_compat.unpatch` takes a model or a class). :func:`remote_code_loading_disabled` turns the hook
 off for the calling thread only. :func:`enable_remote_code_loading` is the explicit API for users who set the
@@ -48,6 +52,7 @@ _GROUP = ("loading",)
 _state = {"enabled": False, "hook_registered": False}
 _lock = threading.RLock()
 _this_thread = threading.local()  # .disabled: remote_code_loading_disabled() depth in this thread
+_one_load = threading.RLock()  # copying remote files into the module cache, and importing them
 
 
 def _active() -> bool:
@@ -61,8 +66,14 @@ def _check_imports(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
     return streaming.check_imports(lambda name: wrapped(name), sys.modules[_TARGET], filename)
 
 
+def _get_cached_module_file(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    with _one_load:
+        return wrapped(*args, **kwargs)
+
+
 def _get_class_in_module(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    cls = wrapped(*args, **kwargs)
+    with _one_load:
+        cls = wrapped(*args, **kwargs)
     if isinstance(cls, type) and _active():
         # Imported at the first remote class, not with the package, because it imports torch (`import
         # qwen_ckpt_compat` stays cheap); transformers is loading remote code by then, so torch is imported anyway.
@@ -78,6 +89,9 @@ def _install(module: Any) -> None:
             return
         registry.wrap(module, "check_imports", _check_imports, group=_GROUP, what="Qwen-style files load")
         registry.wrap(module, "get_class_in_module", _get_class_in_module, group=_GROUP, what="prepares remote classes")
+        if hasattr(module, "get_cached_module_file"):
+            what = "one remote load at a time copies and imports"
+            registry.wrap(module, "get_cached_module_file", _get_cached_module_file, group=_GROUP, what=what)
 
 
 def enable_remote_code_loading() -> None:
@@ -95,7 +109,7 @@ def enable_remote_code_loading() -> None:
 
 
 def disable_remote_code_loading() -> None:
-    """Undoes the import hook's two wrappers (idempotent).
+    """Undoes the import hook's wrappers (idempotent).
 
     A wrapper that another library installed over one of them since stays in place: only this library's part is
     turned off (it then passes every call through).

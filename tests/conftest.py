@@ -189,7 +189,7 @@ def transformers_own_loader(monkeypatch):
 
     import transformers.dynamic_module_utils as dynamic_module_utils
 
-    for name in ("check_imports", "get_class_in_module"):
+    for name in ("check_imports", "get_class_in_module", "get_cached_module_file"):
         current = getattr(dynamic_module_utils, name)
         original = inspect.unwrap(current)
         if original is not current:

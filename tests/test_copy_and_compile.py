@@ -22,6 +22,7 @@ from helpers import (
     max_relative_difference,
     step_grads,
 )
+from packaging.version import Version
 
 from qwen_ckpt_compat import prepare_for_lora
 from qwen_ckpt_compat._model_state import state_of
@@ -182,6 +183,19 @@ def saved_bytes(model, inputs: dict) -> tuple:
     return total[0], grads
 
 
+CHECKPOINT_OPERATOR = "tag_activation_checkpoint"  # what dynamo makes of torch.utils.checkpoint in its graph
+# torch 2.5.1's dynamo inlines a checkpoint without its recompute while saved-tensor hooks are active (the byte
+# measure below uses them), although the same model compiled in training keeps it (seen on the 4.48.3 era row,
+# 2026-12-03); torch 2.1.1 and 2.13 keep it under the measure too. Where it is undone, the graph is checked instead.
+SAVED_TENSOR_HOOKS_UNDO_COMPILED_CHECKPOINTS = (2, 5) <= Version(torch.__version__).release[:2] < (2, 6)
+
+
+def lookup_backend(name: str):
+    from torch._dynamo.backends.registry import lookup_backend as lookup
+
+    return lookup(name)
+
+
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()  # no cache limit reached across tests, nothing compiled for another model
@@ -197,12 +211,17 @@ def fresh_dynamo():
 def test_a_compiled_model_really_recomputes(tiny_qwen_dir, fresh_dynamo, backend, order):
     """Compiled, a prepared model saves far less than without checkpointing (the blocks are recomputed)."""
     inputs = batch(length=64)
+    graphs: list = []
+
+    def recorded(gm, example_inputs):  # the backend asked for, with each graph it compiles kept as text
+        graphs.append(str(gm.graph))
+        return lookup_backend(backend)(gm, example_inputs)
 
     def build(checkpointed: bool, compiled: bool):
         peft_model = causal_lora(load_qwen(tiny_qwen_dir))
         if checkpointed and (order == "prepare_then_compile" or not compiled):
             prepare_for_lora(peft_model)
-        model = torch.compile(peft_model, backend=backend) if compiled else peft_model
+        model = torch.compile(peft_model, backend=recorded) if compiled else peft_model
         if checkpointed and compiled and order == "compile_then_prepare":
             assert prepare_for_lora(model) is model
         return model
@@ -210,9 +229,16 @@ def test_a_compiled_model_really_recomputes(tiny_qwen_dir, fresh_dynamo, backend
     plain, plain_grads = saved_bytes(build(False, compiled=False), inputs)
     eager, _ = saved_bytes(build(True, compiled=False), inputs)
     compiled_plain, _ = saved_bytes(build(False, compiled=True), inputs)
-    compiled_checkpointed, grads = saved_bytes(build(True, compiled=True), inputs)
+    assert not any(CHECKPOINT_OPERATOR in graph for graph in graphs)
+    del graphs[:]
+    model = build(True, compiled=True)
+    model(**inputs).loss.backward()  # compiled as in training, without the saved-tensor hooks of the measure
+    compiled_checkpointed, grads = saved_bytes(model, inputs)
 
     assert eager < 0.5 * plain  # the library's checkpointing, uncompiled
-    assert compiled_checkpointed < 0.6 * compiled_plain, (compiled_checkpointed, compiled_plain)
+    if SAVED_TENSOR_HOOKS_UNDO_COMPILED_CHECKPOINTS:  # the measure cannot tell: each block's checkpoint is in a graph
+        assert sum(graph.count(CHECKPOINT_OPERATOR) for graph in graphs) >= 2, graphs
+    else:  # (torch 2.1's dynamo breaks the graph around the blocks, which then checkpoint uncompiled)
+        assert compiled_checkpointed < 0.6 * compiled_plain, (compiled_checkpointed, compiled_plain)
     assert max_relative_difference(grads, plain_grads) <= 1e-5
     assert len(grads) == 20

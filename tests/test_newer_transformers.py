@@ -357,7 +357,7 @@ def test_disabling_the_hook_restores_transformers_functions(tmp_path):
     enable_remote_code_loading()
     case = _stream_case()
     assert case == STREAM_CASE, "a simulated transformers_stream_generator leaked out of another test"
-    names = ("check_imports", "get_class_in_module")
+    names = ("check_imports", "get_class_in_module", "get_cached_module_file")
     originals = {name: inspect.unwrap(getattr(dynamic_module_utils, name)) for name in names}
     for name, original in originals.items():
         assert getattr(dynamic_module_utils, name) is not original, f"{name} is not wrapped while enabled"
