@@ -1,6 +1,7 @@
 """Tiny, faithful remote-code models of the old-API families, for tests and for downstream CI.
 
-Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
+Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`; its revision 37fe000, which overrides the enable call:
+:func:`write_tiny_chatglm_37fe000`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
 layouts), InternLM v1
 (:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), and a model already on transformers' new
 checkpointing API (:func:`write_tiny_new_api_model`); :data:`TINY_FAMILIES` lists them with what tests need to
@@ -53,6 +54,7 @@ __all__ = [
     "write_tiny_baichuan",
     "write_tiny_baichuan_7b",
     "write_tiny_chatglm",
+    "write_tiny_chatglm_37fe000",
     "write_tiny_internlm",
     "write_tiny_new_api_model",
     "write_tiny_qwen",
@@ -64,7 +66,7 @@ TARGET_MODULES: Tuple[str, ...] = family_named("qwen").lora_targets
 """The LoRA target modules Qwen v1 users pass to peft (``c_proj`` matches both attention and MLP)."""
 
 from ._baichuan import load_tiny_baichuan, write_tiny_baichuan, write_tiny_baichuan_7b  # noqa: E402
-from ._chatglm import load_tiny_chatglm, write_tiny_chatglm  # noqa: E402
+from ._chatglm import load_tiny_chatglm, write_tiny_chatglm, write_tiny_chatglm_37fe000  # noqa: E402
 from ._internlm import load_tiny_internlm, write_tiny_internlm  # noqa: E402
 from ._new_api import load_tiny_new_api_model, write_tiny_new_api_model  # noqa: E402
 from ._qwen import REMOTE_CODE_DIR, REMOTE_CODE_FILES, load_tiny_qwen, write_tiny_qwen  # noqa: E402
@@ -111,6 +113,10 @@ def _families() -> Dict[str, TinyFamily]:
     fixtures = (
         TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, "QWenBlock", "transformer.ln_f"),
         TinyFamily("chatglm", write_tiny_chatglm, load_tiny_chatglm, "GLMBlock", "transformer.encoder.final_layernorm"),
+        TinyFamily(
+            "chatglm_37fe000", write_tiny_chatglm_37fe000, load_tiny_chatglm, "GLMBlock",
+            "transformer.encoder.final_layernorm", family="chatglm",
+        ),
         TinyFamily("baichuan", write_tiny_baichuan, load_tiny_baichuan, "BaichuanLayer", "model.norm"),
         TinyFamily(
             "baichuan_7b", write_tiny_baichuan_7b, load_tiny_baichuan, "DecoderLayer", "model.norm", family="baichuan"
