@@ -188,6 +188,9 @@ def _unroute_then_disable(wrapped: Callable, instance: Any, args: tuple, kwargs:
     model = instance if instance is not None else args[0]
     if isinstance(model, torch.nn.Module):
         _toggle(model, False, None, None)
+        transformers_own = (getattr(wrapped, "__module__", None) or "").split(".")[0] == "transformers"
+        if transformers_own and not hasattr(model, _OLD_METHOD):
+            return None  # <= 4.34's disable calls a `_set_gradient_checkpointing` this remote code never had
     return wrapped(*args, **kwargs)
 
 
