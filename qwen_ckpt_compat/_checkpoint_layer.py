@@ -115,6 +115,15 @@ def _use_cache_position(forward: Callable) -> Optional[int]:
     return parameters.index("use_cache") - 1 if "use_cache" in parameters else None  # minus `self`
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(forward: Callable) -> bool:
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return True
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed.
 
@@ -125,6 +134,8 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     if state is None or not (state.routes and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
     _leave_blocks_to_engine_checkpointing(instance)
+    if not _takes_use_cache(type(instance).forward):
+        return wrapped(*args, **kwargs)  # an owner without a cache (its blocks return hidden states alone)
     position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
         requested = args[position]
