@@ -10,12 +10,12 @@ from dataclasses import replace
 from typing import Any, Callable, Optional, Union
 
 from ._class_patch import (
-    is_routable,
     checkpoint_settings,
     checkpointing_defaults,
     disable_routed_checkpointing,
     enable_routed_checkpointing,
     is_patched,
+    is_routable,
     set_checkpointing_defaults,
     set_fused_attention,
 )

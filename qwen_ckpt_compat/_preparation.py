@@ -26,7 +26,12 @@ from ._repairs.generation import (
     restore_past_key_values_argument,
     restore_position_ids_of_new_tokens,
 )
-from ._repairs.model_api import declare_loss_kwargs, restore_auto_class, restore_missing_methods, restore_post_init
+from ._repairs.model_api import (
+    declare_loss_kwargs,
+    restore_auto_class,
+    restore_missing_methods,
+    restore_post_init,
+)
 from ._repairs.streaming import is_qwen_style_module, wrap_chat_stream
 from ._repairs.weights import (
     protect_loaded_weights,

@@ -17,7 +17,16 @@ import warnings
 import pytest
 import torch
 import transformers
-from helpers import HAS_CHECKPOINTING_KWARGS, count_calls, family_batch, family_lora, fresh_dir, load_family, spy_checkpoint, step_grads
+from helpers import (
+    HAS_CHECKPOINTING_KWARGS,
+    count_calls,
+    family_batch,
+    family_lora,
+    fresh_dir,
+    load_family,
+    spy_checkpoint,
+    step_grads,
+)
 
 from qwen_ckpt_compat import describe, prepare_for_lora, unpatch
 from qwen_ckpt_compat.testing import TINY_FAMILIES
