@@ -273,15 +273,17 @@ def _layout(model: torch.nn.Module, original: Callable) -> tuple[list, list]:
     """The owners (what the remote code would flag) and the groups of blocks under them, in model order.
 
     The first group holds the decoder blocks: the classes of ``_no_split_modules`` found under the owners, else
-    (a list that names a class the code no longer defines) the one class of each owner's layer list, which is
-    what the remote code checkpoints. A further group holds the blocks the model's family adds
+    (a list that names only classes the model does not hold: a block renamed after the list was written) the one
+    class of each owner's layer list, which is what the remote code checkpoints. A model without the list gets
+    none (the remote code's own checkpointing, with a warning). A further group holds the blocks the model's family adds
     (``Family.extra_blocks``), counted on their own for ``every_n_layers``.
     """
     owners = _owners(model, original)
     family = family_of(type(model))
     seen: set = set()
-    groups = [_blocks_under(owners, set(decoder_block_names(model)), seen)]
-    if not groups[0]:
+    names = set(decoder_block_names(model))
+    groups = [_blocks_under(owners, names, seen)]
+    if names and not groups[0]:  # named, but none of them is in the model: renamed since
         groups[0] = _blocks_under(owners, set(repeated_block_names(owners)), seen)
     if family is not None and family.extra_blocks:
         groups.append(_blocks_under(owners, set(family.extra_blocks), seen))

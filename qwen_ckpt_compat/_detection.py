@@ -182,12 +182,13 @@ def _module_list() -> type:
 def found_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
     """Class names of the decoder blocks the model really has, read off it without running its code.
 
-    Those of ``_no_split_modules`` that the model holds; else (a list naming a class the code no longer defines)
+    Those of ``_no_split_modules`` that the model holds (none without the list); else (a list naming only classes
+    the model does not hold)
     the one class of the layer list under each module that carries a ``gradient_checkpointing`` flag of its own.
     The class patch finds them the same way under the modules the old ``_set_gradient_checkpointing`` flags.
     """
     names = decoder_block_names(model)
-    if any(is_decoder_block(module, names) for module in model.modules()):
+    if not names or any(is_decoder_block(module, names) for module in model.modules()):
         return names
     return repeated_block_names(flag_carriers(model, lambda module: False))
 
