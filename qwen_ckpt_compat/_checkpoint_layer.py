@@ -25,6 +25,7 @@ state is the module's :class:`~qwen_ckpt_compat._model_state.State` and the two 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import warnings
@@ -159,6 +160,15 @@ def _use_cache_position(forward: Callable) -> Optional[int]:
     return position
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_use_cache(forward: Callable) -> bool:
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - forward without a signature
+        return True
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
 def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for the block owner's ``__call__``: no KV cache while its blocks are checkpointed.
 
@@ -169,6 +179,8 @@ def owner_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs
     if state is None or not (state.routes and instance.training and torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
     _leave_blocks_to_engine_checkpointing(instance)
+    if not _takes_use_cache(type(instance).forward):
+        return wrapped(*args, **kwargs)  # an owner without a cache (its blocks return hidden states alone)
     position = _use_cache_position(type(instance).forward)
     if position is not None and position < len(args):
         requested = args[position]

@@ -34,12 +34,17 @@ import wrapt
 
 from . import _checkpoint_layer, _model_state
 from ._detection import (
+    DISABLE_METHODS,
+    ENABLE_METHODS,
     bound_to_model_classes,
     checkpointing_owners,
     decoder_block_names,
     find_checkpointing_class,
+    find_enable_override,
+    flag_carriers,
     is_decoder_block,
     own_class,
+    repeated_block_names,
     unwrap_model,
 )
 from ._family_registry import family_of
@@ -63,6 +68,7 @@ __all__ = [
     "disable_routed_checkpointing",
     "enable_routed_checkpointing",
     "is_patched",
+    "is_routable",
     "patch_class",
     "set_checkpointing_defaults",
     "set_chunked_loss",
@@ -71,12 +77,13 @@ __all__ = [
     "unpatch",
 ]
 
-_ENTRY_POINTS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+_ENTRY_POINTS = ENABLE_METHODS
 # transformers' hook that enables checkpointing from a truthy `config.gradient_checkpointing` inside `post_init`.
 _AUTOMATIC_ENTRY_POINT = "_backward_compatibility_gradient_checkpointing"
 _OLD_METHOD = "_set_gradient_checkpointing"
 
-# The request noted by the enable wrapper, for the `_set_gradient_checkpointing` call it makes: (model id, request).
+# The request noted by the enable wrapper, for the `_set_gradient_checkpointing` call it makes: (model id, request,
+# a list that `_toggle` appends to when the call reached it).
 _CURRENT_REQUEST: contextvars.ContextVar = contextvars.ContextVar("qcc_request", default=None)
 # The model whose construction is enabling checkpointing by itself (`_backward_compatibility_gradient_checkpointing`).
 _AUTOMATIC_ENABLE: contextvars.ContextVar = contextvars.ContextVar("qcc_automatic_enable", default=None)
@@ -86,15 +93,43 @@ def _group(cls: Optional[type]) -> tuple:
     return ("checkpointing", cls)
 
 
+def _patched_class(model_or_class: Any) -> Optional[type]:
+    """The class the patch is keyed on: the one with the old ``_set_gradient_checkpointing``, else the remote class
+    that overrides how checkpointing is enabled (:func:`~qwen_ckpt_compat._detection.find_enable_override`)."""
+    return find_checkpointing_class(model_or_class) or find_enable_override(model_or_class)
+
+
+def is_routable(model_or_class: Any) -> bool:
+    """Whether the library checkpoints this model's blocks itself (old API, or an enable override of its own)."""
+    return _patched_class(model_or_class) is not None
+
+
 # ---------------------------------------------------------------------------------------- the wrappers
 
 
-def _request_from_call(wrapped: Callable, args: tuple, kwargs: dict) -> CheckpointRequest:
+# transformers' enable options that an enable override written before them does not take (5.23+'s
+# `activation_checkpointing_enable` hands them to an overridden `gradient_checkpointing_enable`, and Trainer calls it).
+_LATER_OPTIONS = ("every_n_layers", "offload")
+
+
+def _options_it_lacks(wrapped: Callable, kwargs: dict) -> dict:
+    """The options of :data:`_LATER_OPTIONS` in ``kwargs`` that ``wrapped``'s signature cannot take."""
+    try:
+        parameters = inspect.signature(wrapped).parameters
+    except (TypeError, ValueError):
+        return {}
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return {}
+    return {name: kwargs[name] for name in _LATER_OPTIONS if name in kwargs and name not in parameters}
+
+
+def _request_from_call(wrapped: Callable, args: tuple, kwargs: dict, lacking: Optional[dict] = None) -> CheckpointRequest:
     try:
         signature = inspect.signature(wrapped)
         arguments = dict(signature.bind_partial(*args, **kwargs).arguments)
     except (TypeError, ValueError):
         return CheckpointRequest()
+    arguments.update(lacking or {})
     for parameter in signature.parameters.values():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:
             arguments.update(arguments.pop(parameter.name, {}))
@@ -110,14 +145,55 @@ def _request_from_call(wrapped: Callable, args: tuple, kwargs: dict) -> Checkpoi
 
 
 def _note_request(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Wrapper for the enable methods: remember what the caller asked for, then run transformers' code."""
+    """Wrapper for the enable methods: remember what the caller asked for, then run the model's own enable method.
+
+    That method is transformers' or the remote code's own override. Judged by what it did, not by its name: when
+    the call returns without having reached the patched ``_set_gradient_checkpointing`` and without turning any of
+    the model's own checkpointing flags on (ChatGLM3's revision 37fe000 overrides ``gradient_checkpointing_enable``
+    with a body that enables nothing), the blocks are routed all the same, with what the call asked for.
+    """
     model = instance if instance is not None else args[0]
     call_args = args if instance is not None else args[1:]
-    token = _CURRENT_REQUEST.set((id(model), _request_from_call(wrapped, call_args, kwargs)))
+    # Options the method cannot take (an override older than them) are left out of its call and honoured here.
+    lacking = _options_it_lacks(wrapped, kwargs)
+    kwargs = {name: value for name, value in kwargs.items() if name not in lacking}
+    outer = _CURRENT_REQUEST.get()
+    reached: list = outer[2] if outer is not None and outer[0] == id(model) else []  # one enable call, nested
+    token = _CURRENT_REQUEST.set((id(model), _request_from_call(wrapped, call_args, kwargs, lacking), reached))
     try:
-        return wrapped(*args, **kwargs)
+        result = wrapped(*args, **kwargs)
+        if not reached and isinstance(model, torch.nn.Module) and not _enabled_by_itself(model):
+            _toggle(model, True, None, None)
+        return result
     finally:
         _CURRENT_REQUEST.reset(token)
+
+
+def _enabled_by_itself(model: torch.nn.Module) -> bool:
+    """Whether the model's own checkpointing is on: a flag of its own set on a module the library does not route.
+
+    Only for remote code that overrides the enable method without the old form: what it enabled its own way
+    (with transformers' function, say) is left to it. An old-API model's flags are the library's to route.
+    """
+    if find_checkpointing_class(model) is not None:
+        return False
+    return any(owner.__dict__.get(_checkpoint_layer.FLAG) for owner in flag_carriers(model, _is_routed_block))
+
+
+def _is_routed_block(module: torch.nn.Module) -> bool:
+    state = existing_state(module)
+    return state is not None and state.saved is not None
+
+
+def _unroute_then_disable(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    """Wrapper for the disable methods of an enable override: routed blocks go off, then the model's own method."""
+    model = instance if instance is not None else args[0]
+    if isinstance(model, torch.nn.Module):
+        _toggle(model, False, None, None)
+        transformers_own = (getattr(wrapped, "__module__", None) or "").split(".")[0] == "transformers"
+        if transformers_own and not hasattr(model, _OLD_METHOD):
+            return None  # <= 4.34's disable calls a `_set_gradient_checkpointing` this remote code never had
+    return wrapped(*args, **kwargs)
 
 
 def _note_automatic_enable(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -155,12 +231,34 @@ def _set_gradient_checkpointing(wrapped: Callable, instance: Any, args: tuple, k
 
 
 def _original_method(model: torch.nn.Module) -> Callable:
-    """The class's own old ``_set_gradient_checkpointing`` (bound to the model's classes, see detection)."""
+    """The class's own old ``_set_gradient_checkpointing`` (bound to the model's classes, see detection).
+
+    For a model without the old form (an enable override of its own): a function of the same shape that sets the
+    flag a module carries itself, as transformers' new form does.
+    """
     cls = find_checkpointing_class(model)
+    if cls is None:
+        if find_enable_override(model) is not None:
+            return _set_own_flag
+        raise RuntimeError(f"{type(model).__qualname__} is not patched by qwen-ckpt-compat")  # pragma: no cover
     for install in registry.installed(lambda group: group == _group(cls)):
         if install.name == _OLD_METHOD:
             return bound_to_model_classes(install.original, model)
     raise RuntimeError(f"{type(model).__qualname__} is not patched by qwen-ckpt-compat")  # pragma: no cover
+
+
+def _set_own_flag(model: torch.nn.Module, module: torch.nn.Module, value: bool = False) -> None:
+    """The old form's contract, for a module that carries its own flag (transformers' new-form semantics)."""
+    if isinstance(module.__dict__.get(_checkpoint_layer.FLAG), bool):
+        module.__dict__[_checkpoint_layer.FLAG] = value
+
+
+def _owners(model: torch.nn.Module, original: Callable) -> list:
+    """What the remote code flags: asked of its old ``_set_gradient_checkpointing``, else the modules with a flag."""
+    if original is _set_own_flag:
+        names = set(decoder_block_names(model))
+        return flag_carriers(model, lambda module: _is_routed_block(module) or is_decoder_block(module, names))
+    return checkpointing_owners(model, original)
 
 
 def _blocks_under(owners: list, names: set, seen: set) -> list:
@@ -176,17 +274,23 @@ def _blocks_under(owners: list, names: set, seen: set) -> list:
 def _layout(model: torch.nn.Module, original: Callable) -> tuple[list, list]:
     """The owners (what the remote code would flag) and the groups of blocks under them, in model order.
 
-    The first group holds the decoder blocks (the classes of ``_no_split_modules``); a further group holds the
-    blocks the model's family adds (``Family.extra_blocks``), counted on their own for ``every_n_layers``.
+    The first group holds the decoder blocks: the classes of ``_no_split_modules`` found under the owners, else
+    (a list that names only classes the model does not hold: a block renamed after the list was written) the one
+    class of each owner's layer list, which is what the remote code checkpoints. A model without the list gets
+    none (the remote code's own checkpointing, with a warning). A further group holds the blocks the model's family adds
+    (``Family.extra_blocks``), counted on their own for ``every_n_layers``.
     """
-    owners = checkpointing_owners(model, original)
+    owners = _owners(model, original)
     family = family_of(type(model))
     seen: set = set()
-    groups = [_blocks_under(owners, set(decoder_block_names(model)), seen)]
+    names = set(decoder_block_names(model))
+    groups = [_blocks_under(owners, names, seen)]
+    if names and not groups[0]:  # named, but none of them is in the model: renamed since
+        groups[0] = _blocks_under(owners, set(repeated_block_names(owners)), seen)
     if family is not None and family.extra_blocks:
         groups.append(_blocks_under(owners, set(family.extra_blocks), seen))
     # On the classes the model's code defined, also where an engine swapped in subclasses (FSDP2).
-    group = _group(find_checkpointing_class(model))
+    group = _group(_patched_class(model))
     # Plain functions, not wrapt proxies: torch.compile traces them (and the checkpoints they call).
     for owner in owners:
         wrapper = _checkpoint_layer.owner_call
@@ -204,6 +308,8 @@ def _layout(model: torch.nn.Module, original: Callable) -> tuple[list, list]:
 def _settings_for(model: torch.nn.Module, function: Optional[Callable], every_n_layers: Optional[int]) -> CheckpointSettings:
     noted = _CURRENT_REQUEST.get()
     defaults = state_of(model).defaults or CheckpointRequest()
+    if noted is not None and noted[0] == id(model):
+        noted[2].append(True)  # the enable call reached the patch
     if noted is not None and noted[0] == id(model):
         # An enable call (Trainer's): the function transformers built binds the same kwargs, but offload, selective
         # recompute's context and the 8-bit default are the library's, so it is rebuilt from the noted request.
@@ -254,14 +360,24 @@ def _toggle(model: Any, enable: bool, function: Optional[Callable], every_n_laye
         for extra in groups[1:]:
             _checkpoint_layer.route_blocks(extra, settings)
         return
-    # No decoder blocks to route (no `_no_split_modules`): the remote code's own, reentrant checkpointing.
+    # No decoder blocks to route (none named by `_no_split_modules`, no layer list under an owner): the remote
+    # code's own, reentrant checkpointing.
     for owner in owners:
         original(model, owner, value=True)
+        if original is _set_own_flag:  # new-form remote code checkpoints through the function it is handed
+            owner.__dict__[_checkpoint_layer.FUNC] = settings.function
     _checkpoint_layer.route(model, [], [], replace(settings, use_reentrant=True))
-    if settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload or settings.memory_budget:
+    if not owners:
         warnings.warn(
-            f"{_why_no_blocks(model, owners)}, so its remote code "
-            f"checkpoints itself, reentrantly and every layer; {settings.kwargs}, every_n_layers="
+            f"{type(model).__qualname__}: no module of its remote code can be flagged for checkpointing and no "
+            "decoder blocks were found, so nothing is checkpointed.",
+            CompatWarning,
+            stacklevel=4,
+        )
+    elif settings.use_reentrant is False or settings.every_n_layers != 1 or settings.offload or settings.memory_budget:
+        warnings.warn(
+            f"{_why_no_blocks(model, owners)}, so its remote code checkpoints itself, reentrantly and every layer "
+            f"(or in the mode its code hard-codes); {settings.kwargs}, every_n_layers="
             f"{settings.every_n_layers}, offload={settings.offload} and memory_budget={settings.memory_budget} "
             "cannot be honoured.",
             CompatWarning,
@@ -319,14 +435,24 @@ def patch_class(cls: type) -> Optional[type]:
         `type` or `None`: the class that defines the old method (now patched), or `None` when ``cls`` does not
         use the old form (native transformers classes and new-API remote code are never touched).
     """
-    checkpointing_class = find_checkpointing_class(cls)
+    checkpointing_class = _patched_class(cls)
     if checkpointing_class is None:
         return None
     group = _group(checkpointing_class)
-    registry.wrap(checkpointing_class, _OLD_METHOD, _set_gradient_checkpointing, group=group, what="both call forms")
+    old_api = find_checkpointing_class(cls) is not None
+    if old_api:
+        registry.wrap(checkpointing_class, _OLD_METHOD, _set_gradient_checkpointing, group=group, what="both call forms")
+    else:  # an enable override of its own: routed blocks go off with the model's own disable call
+        for name in DISABLE_METHODS:
+            if hasattr(checkpointing_class, name):
+                registry.wrap(checkpointing_class, name, _unroute_then_disable, group=group, what="unroutes first")
     for name in _ENTRY_POINTS:
         if hasattr(checkpointing_class, name):
             registry.wrap(checkpointing_class, name, _note_request, group=group, what="notes the request")
+        # An override in a class derived from it (the class transformers loaded) would hide that wrapper.
+        for klass in _remote_classes_below(cls, checkpointing_class):
+            if name in klass.__dict__:
+                registry.wrap(klass, name, _note_request, group=group, what="notes the request")
     if hasattr(checkpointing_class, _AUTOMATIC_ENTRY_POINT):
         what = "marks an enable call made while building"
         registry.wrap(checkpointing_class, _AUTOMATIC_ENTRY_POINT, _note_automatic_enable, group=group, what=what)
@@ -334,6 +460,11 @@ def patch_class(cls: type) -> Optional[type]:
         what = "a hook pickle can find"
         registry.wrap(checkpointing_class, "enable_input_require_grads", picklable_input_grads_hooks, group=group, what=what)
     return checkpointing_class
+
+
+def _remote_classes_below(cls: type, base: type) -> list:
+    """The classes of ``cls``'s MRO that derive from ``base`` (``base`` excluded), most derived first."""
+    return [klass for klass in cls.__mro__ if klass is not base and issubclass(klass, base)]
 
 
 def switch_over(root: torch.nn.Module) -> None:
@@ -364,12 +495,12 @@ def unpatch(model: Any) -> Any:
         undo_tokenizer_repairs(model)
         return model
     if isinstance(model, type):
-        cls = find_checkpointing_class(model)
+        cls = _patched_class(model)
         if cls is not None:
             registry.undo(_group(cls))
         return model
     root = unwrap_model(model)
-    cls = find_checkpointing_class(root)
+    cls = _patched_class(root)
     _checkpoint_layer.clear(root)
     _clear_input_hooks(root)
     for module in root.modules():
@@ -384,7 +515,10 @@ def is_patched(model_or_class: Any) -> bool:
     if not isinstance(model_or_class, type):
         model_or_class = unwrap_model(model_or_class)
     cls = find_checkpointing_class(model_or_class)
-    return cls is not None and registry.has(cls, _OLD_METHOD, _group(cls))
+    if cls is not None:
+        return registry.has(cls, _OLD_METHOD, _group(cls))
+    cls = find_enable_override(model_or_class)
+    return cls is not None and any(registry.has(cls, name, _group(cls)) for name in _ENTRY_POINTS)
 
 
 def enable_routed_checkpointing(model: Any, *, function: Optional[Callable] = None) -> None:
@@ -425,7 +559,7 @@ def set_fused_attention(model: Any, mode: Optional[str]) -> int:
         `int`: how many attention modules of a known kind (Qwen v1's) the model has; 0 means nothing changed.
     """
     root = unwrap_model(model)
-    group = _group(find_checkpointing_class(root))
+    group = _group(_patched_class(root))
 
     def wrap(cls: type, name: str, wrapper: Callable) -> None:
         registry.wrap(cls, name, wrapper, group=group, what="fused causal attention")

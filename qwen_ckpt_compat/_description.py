@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from ._detection import (
-    decoder_block_names,
     find_checkpointing_class,
+    found_block_names,
     is_decoder_block,
     is_peft_model,
     is_remote_code,
@@ -33,7 +33,7 @@ class ModelInfo:
         is_peft_model (`bool`): a peft model was passed; the rest describes the model inside it.
         old_checkpointing_api (`bool`): the old ``_set_gradient_checkpointing(module, value)`` form is used.
         checkpointing_class (`str`, *optional*): the class that defines that old method.
-        decoder_blocks (`tuple[str, ...]`): class names of the decoder blocks (from ``_no_split_modules``).
+        decoder_blocks (`tuple[str, ...]`): class names of the decoder blocks (from ``_no_split_modules``; else the class of the layer list its code checkpoints).
         num_decoder_blocks (`int`): how many decoder blocks the model has.
         supports_gradient_checkpointing (`bool`): the model's own ``supports_gradient_checkpointing``.
         registered_family (`str`, *optional*): the name of its family in the registry (``"qwen_vl"``), if any.
@@ -60,7 +60,7 @@ def describe(model: Any) -> ModelInfo:
     inner = unwrap_model(model)
     cls = own_class(inner)
     checkpointing_class = find_checkpointing_class(cls)
-    blocks = decoder_block_names(inner)
+    blocks = found_block_names(inner)
     family = family_of(inner)
     classes = {klass for module in inner.modules() for klass in own_class(module).__mro__}
     classes.update(type(getattr(inner, "config", None)).__mro__)

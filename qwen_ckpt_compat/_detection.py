@@ -22,7 +22,11 @@ __all__ = [
     "own_class",
     "unwrap_engines",
     "find_checkpointing_class",
+    "find_enable_override",
+    "found_block_names",
+    "flag_carriers",
     "is_old_checkpointing_api",
+    "repeated_block_names",
     "is_decoder_block",
     "is_remote_code",
     "unwrap_model",
@@ -30,6 +34,10 @@ __all__ = [
 
 REMOTE_MODULE_PREFIX = "transformers_modules."
 _SET_GC = "_set_gradient_checkpointing"
+#: The methods through which transformers (and Trainer, peft) turn checkpointing on and off.
+ENABLE_METHODS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+DISABLE_METHODS = ("gradient_checkpointing_disable", "activation_checkpointing_disable")
+_FLAG = "gradient_checkpointing"
 
 
 def unwrap_engines(obj: Any) -> Any:
@@ -115,6 +123,27 @@ def _is_native(cls: type) -> bool:
     return cls.__module__.split(".")[0] == "transformers"
 
 
+def find_enable_override(model_or_class: Any) -> Optional[type]:
+    """The remote class of a model without the old form that defines its own way of enabling checkpointing.
+
+    The most derived class of the MRO, not from transformers, that defines ``gradient_checkpointing_enable``,
+    ``activation_checkpointing_enable`` or a (new-form) ``_set_gradient_checkpointing`` in its own body; ``None``
+    for old-API models (:func:`find_checkpointing_class` answers for them) and for remote code that leaves all of
+    them to transformers. Whether that override enables anything is only known by calling it: the class patch
+    watches what each call did (ChatGLM3's revision 37fe000 overrides ``gradient_checkpointing_enable`` with a body
+    that enables nothing).
+    """
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
+    if find_checkpointing_class(cls) is not None:
+        return None
+    for klass in cls.__mro__:
+        if _is_native(klass) or klass.__module__ == "builtins":
+            continue
+        if any(name in klass.__dict__ for name in (*ENABLE_METHODS, _SET_GC)):
+            return klass
+    return None
+
+
 def is_old_checkpointing_api(model_or_class: Any) -> bool:
     """Whether the model uses the pre-4.35 ``_set_gradient_checkpointing(self, module, value=False)`` form."""
     return find_checkpointing_class(model_or_class) is not None
@@ -124,6 +153,45 @@ def decoder_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
     """Class names of the decoder blocks: the classes named in ``_no_split_modules``."""
     names = getattr(model, "_no_split_modules", None) or ()
     return tuple(dict.fromkeys(str(name) for name in names))
+
+
+def repeated_block_names(owners: "list[torch.nn.Module]") -> tuple[str, ...]:
+    """Class names of the blocks the owners really run: the one class of each owner's first layer list.
+
+    For a model whose ``_no_split_modules`` names a class its code does not define (a block renamed after the
+    list was written): what the owner checkpoints is the ``ModuleList`` it holds, every item of one class.
+    """
+    names = []
+    for owner in owners:
+        for module in owner.modules():
+            items = list(module.children()) if isinstance(module, _module_list()) else []
+            if not items:
+                continue
+            classes = {own_class(item) for item in items}
+            if len(classes) == 1:
+                names.append(classes.pop().__name__)
+                break
+    return tuple(dict.fromkeys(names))
+
+
+def _module_list() -> type:
+    import torch
+
+    return torch.nn.ModuleList
+
+
+def found_block_names(model: "torch.nn.Module") -> tuple[str, ...]:
+    """Class names of the decoder blocks the model really has, read off it without running its code.
+
+    Those of ``_no_split_modules`` that the model holds (none without the list); else (a list naming only classes
+    the model does not hold)
+    the one class of the layer list under each module that carries a ``gradient_checkpointing`` flag of its own.
+    The class patch finds them the same way under the modules the old ``_set_gradient_checkpointing`` flags.
+    """
+    names = decoder_block_names(model)
+    if not names or any(is_decoder_block(module, names) for module in model.modules()):
+        return names
+    return repeated_block_names(flag_carriers(model, lambda module: False))
 
 
 def is_decoder_block(module: "torch.nn.Module", names: "set[str] | frozenset[str] | tuple[str, ...]") -> bool:
@@ -152,6 +220,19 @@ def bound_to_model_classes(function: Callable, model: "torch.nn.Module") -> Call
     clone = types.FunctionType(code, {**function.__globals__, **rebound}, function.__name__, function.__defaults__, function.__closure__)
     clone.__kwdefaults__ = function.__kwdefaults__
     return clone
+
+
+def flag_carriers(model: "torch.nn.Module", skip: Callable[["torch.nn.Module"], bool]) -> list["torch.nn.Module"]:
+    """The submodules that carry a ``gradient_checkpointing`` flag of their own (transformers' own view of owners).
+
+    What transformers' new-form ``_set_gradient_checkpointing`` flags: every module with that attribute, here
+    read off the instance (``__init__`` set it), the model itself and the modules ``skip`` names excepted.
+    """
+    return [
+        module
+        for module in model.modules()
+        if module is not model and isinstance(module.__dict__.get(_FLAG), bool) and not skip(module)
+    ]
 
 
 def checkpointing_owners(model: "torch.nn.Module", original: Callable) -> list["torch.nn.Module"]:

@@ -15,11 +15,12 @@ from ._class_patch import (
     disable_routed_checkpointing,
     enable_routed_checkpointing,
     is_patched,
+    is_routable,
     set_checkpointing_defaults,
     set_chunked_loss,
     set_fused_attention,
 )
-from ._detection import is_old_checkpointing_api, unwrap_model
+from ._detection import unwrap_model
 from ._hooks import speed_hooks
 from ._input_grads import has_live_input_grads_hook
 from ._preparation import patch
@@ -162,7 +163,7 @@ def prepare_for_lora(
             # Nothing in effect, or a function: old remote code gets no kwargs, so that the patch picks the mode
             # for the model (non-reentrant; reentrant with bitsandbytes 8-bit layers); native, the library default.
             kept = in_effect
-    if is_old_checkpointing_api(root):
+    if is_routable(root):
         patch(root)
         set_checkpointing_defaults(root, request)
         _set_fused_attention(root, fused_attention)
@@ -331,7 +332,7 @@ def _checkpointing_in_effect(root: Any) -> Union[dict, Callable, None]:
     is on comes first, then the defaults an earlier ``prepare_for_lora`` stored.
     """
     flagged = [module for module in root.modules() if module.__dict__.get("gradient_checkpointing")]
-    if is_old_checkpointing_api(root):
+    if is_routable(root):
         if flagged and not is_patched(root):
             # Enabled the old way before the patch (a framework's helper, transformers' fallback): the remote
             # code's own checkpoint call, which passes no kwargs, so torch's default, reentrant, is in effect.

@@ -24,14 +24,19 @@ from . import _class_patch
 from ._detection import unwrap_model
 from ._family_registry import family_of
 from ._repairs._classes import is_transformers_class, remote_classes
-from ._repairs.config import restore_config_attributes
+from ._repairs.config import restore_config_attributes, restore_rope_scaling
 from ._repairs.generation import (
     restore_generation_mixin,
     restore_legacy_caches,
     restore_past_key_values_argument,
     restore_position_ids_of_new_tokens,
 )
-from ._repairs.model_api import restore_auto_class, restore_missing_methods, restore_post_init
+from ._repairs.model_api import (
+    declare_loss_kwargs,
+    restore_auto_class,
+    restore_missing_methods,
+    restore_post_init,
+)
 from ._repairs.streaming import is_qwen_style_module, wrap_chat_stream
 from ._repairs.tokenizers import is_remote_tokenizer_class, prepare_tokenizer_class
 from ._repairs.weights import (
@@ -39,6 +44,7 @@ from ._repairs.weights import (
     recompute_non_persistent_buffers,
     record_construction,
     repair_after_loading,
+    tie_output_embeddings,
 )
 
 __all__ = ["patch", "prepare_class", "prepare_loaded_model", "prepare_model", "restore_removed_apis"]
@@ -68,13 +74,15 @@ def restore_removed_apis(cls: type) -> list[str]:
     installed += restore_position_ids_of_new_tokens(classes)
     installed += protect_loaded_weights(classes, base)
     installed += restore_post_init(classes)
+    installed += declare_loss_kwargs(classes)
     return installed
 
 
 def prepare_class(cls: type) -> list:
     """What a remote class gets when transformers loads it.
 
-    * a config class of a registered family: the config attributes ``PretrainedConfig`` carried before 5.0;
+    * a remote config class: ``rope_scaling`` as it stores it (5.x standardises it); one of a registered family
+      also gets the config attributes ``PretrainedConfig`` carried before 5.0;
     * an old-API model class (and a Qwen-style one): the class patch, the removed-API repairs, the recording of
       how its buffer-holding modules are built, the per-model repairs after ``from_pretrained``, and its
       family's own;
@@ -94,7 +102,8 @@ def _prepare_class(cls: type) -> list:
     if not isinstance(cls, type) or is_transformers_class(cls):
         return []
     if issubclass(cls, PretrainedConfig):
-        return restore_config_attributes(cls) if family_of(cls) is not None else []
+        installed = restore_rope_scaling(cls)  # every remote config that stores it
+        return installed + (restore_config_attributes(cls) if family_of(cls) is not None else [])
     if is_remote_tokenizer_class(cls):
         return prepare_tokenizer_class(cls)
     if not issubclass(cls, PreTrainedModel):
@@ -141,13 +150,15 @@ def prepare_loaded_model(model: Any) -> list:
     """What ``from_pretrained`` of a prepared class runs on each model it loads (before anyone ran it).
 
     The non-persistent buffers that loading left uninitialised get their ``__init__`` values again (only here:
-    later, a buffer may hold what the forward made of it), the auto class is recorded where transformers
+    later, a buffer may hold what the forward made of it), a head tied by default only is tied to the input
+    embeddings again (5.x left it random), the auto class is recorded where transformers
     4.45-4.52 forgot it (so that ``save_pretrained`` copies the remote code), then :func:`prepare_model`.
 
     Returns:
         `list[str]`: what was repaired now.
     """
     repaired = recompute_non_persistent_buffers(model)
+    repaired += tie_output_embeddings(model)
     repaired += restore_auto_class(model)
     return repaired + prepare_model(model)
 

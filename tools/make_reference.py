@@ -7,7 +7,8 @@ gradients of one checkpointed step (the family's usual targets, seeded LoRA tens
 step without checkpointing. Qwen-VL's inputs hold an image (its pixels are recorded; the tests write it again
 under the same relative file name, so that the ids, which spell the path, are the same). All of them:
 
-    python tools/make_reference.py --family all   # the four other families (not Qwen v1's)
+    python tools/make_reference.py --family all   # the other families (not Qwen v1's)
+    python tools/make_reference.py --family patterns   # the four patterns of old remote code (issue 19)
 
 4.55.4 is the newest release on which the Qwen v1 remote code loads unmodified, so its results are the
 reference that ``tests/test_newer_transformers.py`` holds every other release to (logits, loss, LoRA
@@ -60,6 +61,7 @@ REFERENCE_DIR = ROOT / "tests" / "reference"
 DEFAULT_OUTPUT = REFERENCE_DIR / "qwen_v1_reference.pt"
 # The old-API fixtures besides Qwen v1 (the family registry's fixtures).
 FAMILIES = tuple(name for name in TINY_FAMILIES if name != "qwen")
+PATTERNS_OUTPUT = REFERENCE_DIR / "patterns_reference.pt"
 IMAGE_NAME = "qcc_reference.png"  # relative to the working directory: its bytes are part of Qwen-VL's ids
 TINY_IMAGE_SIZE = 28  # write_tiny_qwen_vl's default image_size
 PEFT_PREFIX = "base_model.model."
@@ -242,6 +244,35 @@ def make_family_reference(name: str, output: Path) -> Path:
     return save(output, {"family": name, "inputs": data, **record})
 
 
+def make_patterns_reference(output: Path) -> Path:
+    """``patterns_reference.pt``: per pattern of old remote code (``write_pattern_model``), eval logits and loss
+    (transformers alone) and the LoRA gradients of one checkpointed step (checked against the same step without)."""
+    from peft import LoraConfig, get_peft_model
+
+    from qwen_ckpt_compat import prepare_for_lora
+    from qwen_ckpt_compat.testing import PATTERNS, load_pattern_model, write_pattern_model
+    from qwen_ckpt_compat.testing._patterns import TARGET_MODULES
+
+    data = family_inputs("patterns")
+    record: dict = {"inputs": data}
+    for pattern in PATTERNS:
+        path = write_pattern_model(Path(tempfile.mkdtemp(prefix=f"qcc-reference-{pattern}-")) / "model", pattern)
+        entry = family_forward_reference(load_pattern_model(path).float(), data)
+        steps = []
+        for checkpointing in (True, False):
+            model = load_pattern_model(path).float()
+            prepare_for_lora(model, use_gradient_checkpointing=checkpointing)
+            config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=list(TARGET_MODULES), init_lora_weights=False)
+            model = get_peft_model(model, config)
+            entry["lora_init"] = init_lora(model, data["lora_generator_seed"])
+            steps.append(lora_step(model, data))
+        worst = max(relative_difference(steps[0]["lora_grads"][k], steps[1]["lora_grads"][k]) for k in steps[1]["lora_grads"])
+        assert worst <= 1e-6, f"{pattern}: checkpointed LoRA gradients differ from plain ones by {worst:.2e}"
+        entry.update(steps[0])
+        record[pattern] = entry
+    return save(output, record)
+
+
 def save(output: Path, reference: dict) -> Path:
     import peft
     import transformers
@@ -261,7 +292,7 @@ def save(output: Path, reference: dict) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=None, help="(one family) where to write it")
-    parser.add_argument("--family", default="qwen", choices=("qwen", *FAMILIES, "all"))
+    parser.add_argument("--family", default="qwen", choices=("qwen", *FAMILIES, "all", "patterns"))
     parser.add_argument(
         "--force", action="store_true", help=f"run on a transformers other than {REFERENCE_TRANSFORMERS}"
     )
@@ -277,6 +308,9 @@ def main(argv=None) -> int:
     from qwen_ckpt_compat._loading import is_remote_code_loading_enabled
 
     assert not is_remote_code_loading_enabled(), "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1 must keep the import hook off"
+    if args.family == "patterns":
+        make_patterns_reference(args.output or PATTERNS_OUTPUT)
+        return 0
     if args.family != "qwen":
         names = FAMILIES if args.family == "all" else (args.family,)
         cwd = os.getcwd()

@@ -1,4 +1,4 @@
-"""Config classes: the attributes ``PretrainedConfig`` carried before 5.0.
+"""Config classes: the attributes ``PretrainedConfig`` carried before 5.0, and ``rope_scaling`` as it was stored.
 
 * The generation defaults ``PretrainedConfig`` carried before 5.0 (``max_length=20``, ``num_beams=1``, ...):
   ChatGLM2/3 reads ``config.max_length`` while the model is built. They are answered, where the config has no
@@ -6,6 +6,9 @@
   checks for generation parameters in a model config (``save_pretrained``, ``generate``) do not see them.
 * ``use_cache`` given to ``PretrainedConfig.__init__`` (from ``config.json``): 5.x drops it as a generation
   parameter, so a config class that does not set it itself (ChatGLM2/3's) has none; it is kept, as before 5.0.
+* ``rope_scaling`` stored by a remote config (``null`` in ``config.json``): 5.x standardises it into a dict, so
+  code testing ``rope_scaling is None`` takes its scaling branch; it is read back as stored, for every remote
+  config class that sets it (:func:`restore_rope_scaling`), not only those of a registered family.
 """
 
 from __future__ import annotations
@@ -14,9 +17,9 @@ import inspect
 from typing import Any, Callable, Optional
 
 from .._patches import registry
-from ._classes import INSTALLED_MARK, REPAIRS, is_transformers_class
+from ._classes import INSTALLED_MARK, REPAIRS, code_names, is_transformers_class
 
-__all__ = ["PRE_5_CONFIG_DEFAULTS", "restore_config_attributes"]
+__all__ = ["PRE_5_CONFIG_DEFAULTS", "restore_config_attributes", "restore_rope_scaling"]
 
 
 #: What ``PretrainedConfig.__init__`` gave every config before 5.0 (transformers 4.55.4's generation defaults),
@@ -127,3 +130,46 @@ def restore_config_attributes(cls: type) -> list[str]:
         if registry.wrap(cls, "__init__", _keep_init_values, group=REPAIRS, what=what):
             installed.append(f"{cls.__qualname__}.__init__ ({what})")
     return installed
+
+
+def _plain_rope_scaling() -> property:
+    def get(self: Any) -> Any:
+        try:
+            return self.__dict__["rope_scaling"]
+        except KeyError:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute 'rope_scaling'") from None
+
+    def set_(self: Any, value: Any) -> None:
+        self.__dict__["rope_scaling"] = value
+
+    rope_scaling = property(get, set_, doc="What the remote config stored, as before 5.0 (never standardised).")
+    get.__dict__[INSTALLED_MARK] = True
+    return rope_scaling
+
+
+def restore_rope_scaling(cls: type) -> list[str]:
+    """``rope_scaling`` as a plain attribute again, for a remote config class that sets it itself.
+
+    5.x's ``PretrainedConfig`` turns ``rope_scaling`` into a property over ``rope_parameters`` and standardises what
+    is stored there: a remote config that stores ``rope_scaling = None`` (``"rope_scaling": null`` in
+    ``config.json``) reads back ``{"rope_theta": ..., "rope_type": "default"}``, and 2023 code that tests
+    ``config.rope_scaling is None`` takes its scaling branch (``KeyError: 'type'``). Detected on the classes: only
+    where the installed ``PretrainedConfig`` has such a property, and only on remote config classes whose own code
+    assigns ``rope_scaling`` and defines neither it nor ``rope_parameters``. The value lives in the instance's
+    ``__dict__`` under its own name, so ``to_dict`` and ``save_pretrained`` write it back as it was. Idempotent.
+
+    Returns:
+        `list[str]`: what was installed now.
+    """
+    from transformers import PretrainedConfig
+
+    if not _is_remote_config_class(cls) or not isinstance(inspect.getattr_static(PretrainedConfig, "rope_scaling", None), property):
+        return []  # transformers' own config, or a PretrainedConfig that stores rope_scaling as it is given
+    remote = [klass for klass in cls.__mro__ if _is_remote_config_class(klass)]
+    if any("rope_scaling" in klass.__dict__ or "rope_parameters" in klass.__dict__ for klass in remote):
+        return []  # defined by the remote code itself (or by this repair already)
+    if not any("rope_scaling" in code_names(klass.__dict__.get("__init__")) for klass in remote):
+        return []  # the remote code never sets it: what transformers makes of it is not its concern
+    if not registry.set(cls, "rope_scaling", _plain_rope_scaling(), group=REPAIRS, what="rope_scaling as stored (pre-5.0)"):
+        return []
+    return [f"{cls.__qualname__}.rope_scaling (as stored, pre-5.0)"]

@@ -7,6 +7,8 @@
   finished model lacks that state, ``post_init()`` is run once at the end of its construction.
 * The auto class of a remote model (4.45-4.52 did not record it): ``save_pretrained`` copies the remote-code
   files only when the class knows it.
+* ``accepts_loss_kwargs = False`` where the remote ``forward`` takes no extra keyword arguments (Trainer 4.46+
+  passes ``num_items_in_batch`` to a ``forward`` with a ``**`` parameter, which BLOOM-era code raises on).
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import torch
 from .._patches import registry
 from ._classes import INSTALLED_MARK, REPAIRS, code_names, remote_classes, remote_code_uses
 
-__all__ = ["REPLACEMENTS", "get_head_mask", "restore_auto_class", "restore_missing_methods", "restore_post_init"]
+__all__ = [
+    "REPLACEMENTS",
+    "declare_loss_kwargs",
+    "get_head_mask",
+    "restore_auto_class",
+    "restore_missing_methods",
+    "restore_post_init",
+]
 
 
 def get_head_mask(
@@ -116,3 +125,56 @@ def restore_auto_class(model: Any) -> list[str]:
             cls.register_for_auto_class(auto_class)
             return [f"{cls.__qualname__}._auto_class = {auto_class!r}"]
     return []
+
+
+def _rejects_extra_keywords(forward: Callable) -> bool:
+    """Whether ``forward`` takes no extra keyword arguments: no ``**`` parameter, or one it raises on when filled.
+
+    The second is read off the source (BLOOM-era code: ``**deprecated_arguments``, then ``if
+    deprecated_arguments: raise ValueError("Got unexpected arguments: ...")``): an ``if`` whose test reads the
+    ``**`` parameter and whose body raises.
+    """
+    import ast
+    import textwrap
+
+    try:
+        signature = inspect.signature(forward)
+    except (TypeError, ValueError):
+        return False
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
+    if var_keyword is None:
+        return True
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and any(
+            isinstance(name, ast.Name) and name.id == var_keyword for name in ast.walk(node.test)
+        ):
+            if any(isinstance(statement, ast.Raise) for body in node.body for statement in ast.walk(body)):
+                return True
+    return False
+
+
+def declare_loss_kwargs(classes: list) -> list[str]:
+    """``accepts_loss_kwargs = False`` on a remote model class whose ``forward`` takes no extra keyword arguments.
+
+    ``Trainer`` (4.46 and later) passes ``num_items_in_batch`` to the model's ``forward`` when the class says it
+    accepts loss kwargs (``accepts_loss_kwargs``) or, where it says nothing, when ``forward`` has a ``**``
+    parameter; BLOOM-era remote code has one that raises on anything it receives (``ValueError: Got unexpected
+    arguments: {'num_items_in_batch': ...}``). The most derived remote class that defines ``forward`` declares that
+    it accepts none, where no class of its MRO says anything. Detected on the classes, on every release (an
+    attribute older releases never read).
+
+    Returns:
+        `list[str]`: what was declared now.
+    """
+    if not classes or any(hasattr(klass, "accepts_loss_kwargs") for klass in classes[:1]):
+        return []
+    definer = next((klass for klass in classes if "forward" in klass.__dict__), None)
+    if definer is None or not _rejects_extra_keywords(inspect.unwrap(definer.__dict__["forward"])):
+        return []
+    if not registry.set(classes[0], "accepts_loss_kwargs", False, group=REPAIRS, what="forward takes no loss kwargs"):
+        return []
+    return [f"{classes[0].__qualname__}.accepts_loss_kwargs = False"]

@@ -13,6 +13,9 @@
   nothing is replaced.
 * Tensors computed in ``__init__`` and kept as plain attributes (Baichuan2-7B's rotary tables): 5.x leaves them
   on the meta device, where the forward cannot use them; they get the fresh copy's values, on the CPU.
+* A causal-LM head meant to be tied to the input embeddings by default only (no ``tie_word_embeddings`` in the
+  config, no ``_tied_weights_keys``): 5.x leaves it untied and initialised at random; it is tied after loading,
+  as before 5.0 (:func:`tie_output_embeddings`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import torch
 from .._patches import registry
 from ._classes import INSTALLED_MARK, REPAIRS, defines, parameters, remote_package_modules
 
-__all__ = ["protect_loaded_weights", "record_construction", "recompute_non_persistent_buffers", "repair_after_loading"]
+__all__ = [
+    "protect_loaded_weights",
+    "record_construction",
+    "recompute_non_persistent_buffers",
+    "repair_after_loading",
+    "tie_output_embeddings",
+]
 
 
 def _make_loaded_weights_guard(inherited: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,3 +197,59 @@ def repair_after_loading(cls: type, repair: Callable[[Any], Any]) -> list[str]:
     if not registry.wrap(cls, "from_pretrained", _after_loading(repair), group=REPAIRS, what="repairs after loading"):
         return []
     return [f"{cls.__qualname__}.from_pretrained (repairs after loading)"]
+
+
+def _declares_tied_weights(model: torch.nn.Module) -> bool:
+    """Whether the model's classes declare tied weights themselves (5.x ties those through its own machinery)."""
+    return any(getattr(type(module), "_tied_weights_keys", None) for module in model.modules())
+
+
+def tie_output_embeddings(model: Any) -> list[str]:
+    """Ties a remote model's output embeddings to its input embeddings where transformers before 5.0 did.
+
+    Before 5.0, ``tie_weights()`` tied ``get_output_embeddings()`` to ``get_input_embeddings()`` whenever
+    ``config.tie_word_embeddings`` was true, and ``PretrainedConfig`` made it ``True`` where ``config.json`` did not
+    say. 5.x ties only what a class declares in ``_tied_weights_keys`` (and reads ``tie_word_embeddings`` without
+    that default): a 2023 causal LM with neither loads with its head initialised at random, silently, even when the
+    checkpoint holds no head. Detected on the loaded model: its classes declare no tied weights, its config does
+    not say ``tie_word_embeddings=False``, both embeddings exist with one shape and are not tied. On releases that
+    tied them nothing is left to do. A head that the checkpoint holds and that differs from the input embeddings is
+    replaced all the same (as before 5.0, which tied them), with a warning.
+
+    Returns:
+        `list[str]`: what was tied now.
+    """
+    import warnings
+
+    from ..errors import CompatWarning
+    from ._classes import remote_classes
+
+    if not remote_classes(type(model)) or _declares_tied_weights(model):
+        return []
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", True):
+        return []
+    try:
+        output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return []
+    head, source = getattr(output, "weight", None), getattr(inputs, "weight", None)
+    if not isinstance(head, torch.nn.Parameter) or not isinstance(source, torch.nn.Parameter):
+        return []
+    if head is source or head.shape != source.shape or source.device.type == "meta":
+        return []
+    names = {id(parameter): name for name, parameter in model.named_parameters(remove_duplicate=False)}
+    head_name, source_name = names.get(id(head), "output embeddings"), names.get(id(source), "input embeddings")
+    if getattr(head, "_is_hf_initialized", False) and head.device.type != "meta" and not torch.equal(head.to(source.device), source):
+        warnings.warn(
+            f"{type(model).__qualname__}: the checkpoint holds its own {head_name}, which differs from {source_name}; "
+            "its config does not say `tie_word_embeddings=False`, so transformers before 5.0 tied them (to the input "
+            "embeddings) and qwen-ckpt-compat does the same. Set `tie_word_embeddings: false` in config.json to keep "
+            "the checkpoint's head.",
+            CompatWarning,
+            stacklevel=2,
+        )
+    output.weight = source
+    tied = getattr(model, "all_tied_weights_keys", None)
+    if isinstance(tied, dict):
+        tied[head_name] = source_name  # 5.x's record of tied weights (save_pretrained writes the source once)
+    return [f"{head_name} tied to {source_name} (pre-5.0 default)"]

@@ -26,7 +26,7 @@ FAMILY = Family(
     model_types=("chatglm",),
     checkpointed="each GLMBlock (sequence-first hidden states, called positionally by GLMTransformer)",
     lora_targets=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    fixtures=("chatglm",),
+    fixtures=("chatglm", "chatglm_37fe000"),
     caveats=(
         "On transformers 5.x the config answers `max_length` and the other generation defaults of "
         "`PretrainedConfig` before 5.0 (never saved to config.json), and `use_cache` from config.json is kept.",

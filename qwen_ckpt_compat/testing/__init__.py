@@ -1,9 +1,11 @@
 """Tiny, faithful remote-code models of the old-API families, for tests and for downstream CI.
 
-Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
+Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`; its revision 37fe000, which overrides the enable call:
+:func:`write_tiny_chatglm_37fe000`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
 layouts), InternLM v1
 (:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), and a model already on transformers' new
-checkpointing API (:func:`write_tiny_new_api_model`); :data:`TINY_FAMILIES` lists them with what tests need to
+checkpointing API (:func:`write_tiny_new_api_model`); and four patterns of 2023 remote code, each in a small
+model of its own (:func:`write_pattern_model`, :data:`PATTERNS`); :data:`TINY_FAMILIES` lists them with what tests need to
 know about each. Every one is written from the documented interface of the real remote code (see each file's
 header), not copied from it.
 
@@ -37,6 +39,7 @@ from .._family_registry import family_named
 from .watch import CheckpointWatch, watch_checkpointing
 
 __all__ = [
+    "PATTERNS",
     "REMOTE_CODE_DIR",
     "REMOTE_CODE_FILES",
     "TARGET_MODULES",
@@ -49,14 +52,17 @@ __all__ = [
     "load_tiny_new_api_model",
     "load_tiny_qwen",
     "load_tiny_qwen_vl",
+    "load_pattern_model",
     "qwen_vl_image_span",
     "write_tiny_baichuan",
     "write_tiny_baichuan_7b",
     "write_tiny_chatglm",
+    "write_tiny_chatglm_37fe000",
     "write_tiny_internlm",
     "write_tiny_new_api_model",
     "write_tiny_qwen",
     "write_tiny_qwen_vl",
+    "write_pattern_model",
     "watch_checkpointing",
 ]
 
@@ -64,9 +70,10 @@ TARGET_MODULES: Tuple[str, ...] = family_named("qwen").lora_targets
 """The LoRA target modules Qwen v1 users pass to peft (``c_proj`` matches both attention and MLP)."""
 
 from ._baichuan import load_tiny_baichuan, write_tiny_baichuan, write_tiny_baichuan_7b  # noqa: E402
-from ._chatglm import load_tiny_chatglm, write_tiny_chatglm  # noqa: E402
+from ._chatglm import load_tiny_chatglm, write_tiny_chatglm, write_tiny_chatglm_37fe000  # noqa: E402
 from ._internlm import load_tiny_internlm, write_tiny_internlm  # noqa: E402
 from ._new_api import load_tiny_new_api_model, write_tiny_new_api_model  # noqa: E402
+from ._patterns import PATTERNS, load_pattern_model, write_pattern_model  # noqa: E402
 from ._qwen import REMOTE_CODE_DIR, REMOTE_CODE_FILES, load_tiny_qwen, write_tiny_qwen  # noqa: E402
 from ._qwen_vl import load_tiny_qwen_vl, qwen_vl_image_span, write_tiny_qwen_vl  # noqa: E402
 
@@ -118,6 +125,10 @@ def _families() -> Dict[str, TinyFamily]:
         TinyFamily(
             "chatglm", write_tiny_chatglm, load_tiny_chatglm, "GLMBlock", "transformer.encoder.final_layernorm",
             chat=_chatglm.chatglm_chat, sentencepiece=True,
+        ),
+        TinyFamily(
+            "chatglm_37fe000", write_tiny_chatglm_37fe000, load_tiny_chatglm, "GLMBlock",
+            "transformer.encoder.final_layernorm", family="chatglm", chat=_chatglm.chatglm_chat, sentencepiece=True,
         ),
         TinyFamily(
             "baichuan", write_tiny_baichuan, load_tiny_baichuan, "BaichuanLayer", "model.norm",

@@ -1,4 +1,9 @@
-"""The tiny ChatGLM2/3 fixture: `write_tiny_chatglm` / `load_tiny_chatglm` (see ``chatglm/``)."""
+"""The tiny ChatGLM2/3 fixture: `write_tiny_chatglm` / `load_tiny_chatglm` (see ``chatglm/``).
+
+``write_tiny_chatglm(path, revision="37fe000")`` writes the modeling file of ChatGLM3-6B's revision 37fe000
+("support transformers>=4.37.2 for finetuning") instead: the 2023 file with the three changes that revision made
+to checkpointing, applied by :func:`revision_37fe000` (docs/facts/chatglm.md#revision-37fe000).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,41 @@ from ._writer import PathLike, SeededWeights, load_remote_model, remote_tokenize
 
 CODE_DIR: Path = Path(__file__).resolve().parent / "chatglm"
 CODE_FILES: Tuple[str, ...] = ("configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
+REVISIONS: Tuple[str, ...] = ("2023", "37fe000")
+"""The revisions of the remote code the fixture can write: the 2023 one, and ChatGLM3-6B's 37fe000."""
+
+# Revision 37fe000 of ChatGLM3-6B (docs/facts/chatglm.md): `ChatGLMPreTrainedModel` gets a
+# `gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None)` of its own that only refuses a model
+# without checkpointing support (it enables nothing), and `GLMTransformer`'s own checkpoint call hard-codes
+# `use_reentrant=False`. Each change is (what the 2023 file says, what the revision says).
+_REVISION_37FE000 = (
+    (
+        "# copy of the real code.\n",
+        "# copy of the real code.\n#\n# Revision 37fe000 of ChatGLM3-6B (written by `write_tiny_chatglm(revision=\"37fe000\")`): an own\n"
+        "# `gradient_checkpointing_enable` that enables nothing, and `use_reentrant=False` in the owner's checkpoint call.\n",
+    ),
+    (
+        "kv_caches[index], use_cache\n                )",
+        "kv_caches[index], use_cache,\n                    use_reentrant=False,\n                )",
+    ),
+    (
+        "            module.gradient_checkpointing = value\n",
+        "            module.gradient_checkpointing = value\n\n"
+        "    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None):\n"
+        "        # 37fe000: refuses a model that cannot checkpoint; turns nothing on.\n"
+        "        if not self.supports_gradient_checkpointing:\n"
+        "            raise ValueError(f\"{type(self).__name__} cannot checkpoint its layers.\")\n",
+    ),
+)
+
+
+def revision_37fe000(source: str) -> str:
+    """The 2023 fixture's ``modeling_chatglm.py`` text turned into revision 37fe000's (each change found once)."""
+    for old, new in _REVISION_37FE000:
+        if source.count(old) != 1:
+            raise RuntimeError(f"the ChatGLM fixture changed: {old!r} is not found once in modeling_chatglm.py")
+        source = source.replace(old, new)
+    return source
 TARGET_MODULES: Tuple[str, ...] = family_named("chatglm").lora_targets
 """The LoRA targets ChatGLM users pass to peft (``dense`` also matches ``dense_h_to_4h``/``dense_4h_to_h``)."""
 
@@ -51,6 +91,7 @@ def write_tiny_chatglm(
     vocab_size: int = 256,
     seq_length: int = 64,
     seed: int = 0,
+    revision: str = "2023",
     **config_overrides: Any,
 ) -> Path:
     """Writes a local ChatGLM2/3 remote-code model directory with tiny random weights.
@@ -70,6 +111,9 @@ def write_tiny_chatglm(
         vocab_size (`int`, *optional*, defaults to 256): ``padded_vocab_size``.
         seq_length (`int`, *optional*, defaults to 64): the rotary table's length.
         seed (`int`, *optional*, defaults to 0): seed of the weights.
+        revision (`str`, *optional*, defaults to ``"2023"``): which remote code to write: ``"2023"``, or
+            ``"37fe000"`` (ChatGLM3-6B's revision with its own ``gradient_checkpointing_enable`` that enables
+            nothing, and ``use_reentrant=False`` hard-coded in the owner's checkpoint call). Same weights.
         config_overrides (`Any`, *optional*): any other ``config.json`` key.
 
     Returns:
@@ -108,8 +152,10 @@ def write_tiny_chatglm(
         "pad_token_id": 0,
     }
     config.update(config_overrides)
+    if revision not in REVISIONS:
+        raise ValueError(f"revision must be one of {REVISIONS}, got {revision!r}")
     generation_config = {"eos_token_id": 2, "pad_token_id": 0, "do_sample": False, "max_new_tokens": 16}
-    return write_model_dir(
+    target = write_model_dir(
         path,
         code_dir=CODE_DIR,
         code_files=CODE_FILES,
@@ -121,6 +167,15 @@ def write_tiny_chatglm(
         ),
         files={"tokenizer.model": _sentencepiece.model_bytes()},
     )
+    if revision == "37fe000":
+        modeling = target / "modeling_chatglm.py"
+        modeling.write_text(revision_37fe000(modeling.read_text(encoding="utf-8")), encoding="utf-8")
+    return target
+
+
+def write_tiny_chatglm_37fe000(path: PathLike, **kwargs: Any) -> Path:
+    """:func:`write_tiny_chatglm` with ``revision="37fe000"`` (the fixture ``chatglm_37fe000``)."""
+    return write_tiny_chatglm(path, revision="37fe000", **kwargs)
 
 
 def chatglm_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:

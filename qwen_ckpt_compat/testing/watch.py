@@ -70,17 +70,17 @@ def watch_checkpointing(model: Any) -> Iterator[CheckpointWatch]:
 
     Args:
         model (`PreTrainedModel` or `peft.PeftModel`): the model whose decoder blocks (the classes named in
-            ``_no_split_modules``) are watched.
+            ``_no_split_modules``, else the class of the layer list its code checkpoints) are watched.
 
     Yields:
         `CheckpointWatch`: filled in while the block runs.
     """
     import torch.utils.checkpoint
 
-    from .._detection import decoder_block_names, is_decoder_block, unwrap_model
+    from .._detection import found_block_names, is_decoder_block, unwrap_model
 
     root = unwrap_model(model)
-    names = set(decoder_block_names(root))
+    names = set(found_block_names(root))
     blocks = [module for module in root.modules() if is_decoder_block(module, names)]
     seen = CheckpointWatch(num_blocks=len(blocks))
     original = torch.utils.checkpoint.checkpoint
