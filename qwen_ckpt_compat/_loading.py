@@ -15,7 +15,9 @@ set), three functions of ``transformers.dynamic_module_utils`` are wrapped, thro
 * ``get_cached_module_file``, with ``get_class_in_module``: one remote load at a time copies the files into the
   module cache and imports them. transformers copies them outside its own lock, so a thread could import a file
   another thread was still writing (``module '...configuration_qwen' has no attribute 'QWenConfig'``, seen from
-  four threads loading one folder: 9 rounds in 150 on 4.45.2). Only those two steps wait; weights load in parallel.
+  four threads loading one folder: 9 rounds in 150 on 4.45.2). The remote model class's ``from_pretrained`` takes
+  the same lock (:data:`qwen_ckpt_compat._repairs._classes.LOADING`): from 4.51 to 4.57 it swaps
+  ``nn.Module.register_parameter`` process-wide, and two loads at once left parameters on the meta device.
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
 :func:`disable_remote_code_loading` undoes the wrappers (one wrapped since by another library stays, inert:
@@ -37,6 +39,7 @@ import wrapt
 
 from ._patches import registry
 from ._repairs import streaming
+from ._repairs._classes import LOADING
 
 __all__ = [
     "disable_remote_code_loading",
@@ -52,7 +55,6 @@ _GROUP = ("loading",)
 _state = {"enabled": False, "hook_registered": False}
 _lock = threading.RLock()
 _this_thread = threading.local()  # .disabled: remote_code_loading_disabled() depth in this thread
-_one_load = threading.RLock()  # copying remote files into the module cache, and importing them
 
 
 def _active() -> bool:
@@ -67,12 +69,12 @@ def _check_imports(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> An
 
 
 def _get_cached_module_file(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    with _one_load:
+    with LOADING:
         return wrapped(*args, **kwargs)
 
 
 def _get_class_in_module(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
-    with _one_load:
+    with LOADING:
         cls = wrapped(*args, **kwargs)
     if isinstance(cls, type) and _active():
         # Imported at the first remote class, not with the package, because it imports torch (`import

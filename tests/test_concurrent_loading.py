@@ -22,6 +22,7 @@ import time
 from collections import Counter
 
 import pytest
+import torch
 
 from qwen_ckpt_compat import _remote_code as remote_code
 from qwen_ckpt_compat import is_patched, unpatch
@@ -35,7 +36,9 @@ LAYOUTS = ((2, "different"), (4, "different"))  # threads, folders
 # One folder from several threads failed about one round in 20 on 4.45.2 (four threads, 9 rounds in 150) and now
 # and then on 5.24 (`module '...configuration_qwen' has no attribute 'QWenConfig'`): transformers copies the remote
 # files into its module cache outside its own lock, so a thread imported a file another was still writing. The
-# import hook now lets one load at a time copy and import (0 rounds in 150 on 4.45.2).
+# import hook now lets one load at a time copy and import (0 rounds in 150 on 4.45.2). On 4.51 to 4.57 two loads at
+# once also left parameters on the meta device for the rest of the process (`init_empty_weights` swaps
+# `nn.Module.register_parameter` process-wide): a remote model class's `from_pretrained` now takes the same lock.
 SAME_FOLDER_LAYOUTS = ((2, "same"), (4, "same"))
 
 
@@ -129,6 +132,9 @@ def test_loads_from_several_threads_at_once(template, tmp_path, layouts):
     print(f"{ROUNDS} rounds, {loads} loads, {len(failures)} failures, {elapsed:.1f} s")
     assert not failures, "\n".join(failures[:20])
     assert not _installed_twice()
+    # transformers 4.51-4.57 swap these process-wide while loading; left swapped, every later module is on meta
+    for name in ("register_parameter", "register_buffer"):
+        assert getattr(torch.nn.Module, name).__qualname__ == f"Module.{name}", name
 
 
 class _ImportAttempts(importlib.abc.MetaPathFinder):

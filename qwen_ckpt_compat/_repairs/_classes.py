@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import inspect
 import sys
+import threading
 import types
 from typing import Any, Optional
 
 __all__ = [
     "INSTALLED_MARK",
+    "LOADING",
     "REPAIRS",
     "code_names",
     "code_objects",
@@ -29,6 +31,12 @@ REPAIRS = ("repairs",)
 
 #: Set on a replacement function's ``__dict__``: installed by this library.
 INSTALLED_MARK = "_qcc_replacement"
+
+#: Held while remote code is copied into transformers' module cache and imported, and while a remote model class's
+#: ``from_pretrained`` runs: transformers does the first outside its own lock, and from 4.51 to 4.57 the second
+#: swaps ``nn.Module.register_parameter`` process-wide (``init_empty_weights``), so two loads at once could leave
+#: every later module's parameters on the meta device.
+LOADING = threading.RLock()
 
 
 def is_transformers_class(klass: type) -> bool:

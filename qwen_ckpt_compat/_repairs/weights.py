@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .._patches import registry
-from ._classes import INSTALLED_MARK, REPAIRS, defines, parameters, remote_package_modules
+from ._classes import INSTALLED_MARK, LOADING, REPAIRS, defines, parameters, remote_package_modules
 
 __all__ = [
     "protect_loaded_weights",
@@ -177,7 +177,8 @@ def recompute_non_persistent_buffers(model: torch.nn.Module) -> list[str]:
 
 def _after_loading(repair: Callable[[Any], Any]) -> Callable:
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        loaded = wrapped(*args, **kwargs)
+        with LOADING:  # one remote model loads at a time (see LOADING)
+            loaded = wrapped(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True: (model, info)
         if isinstance(model, torch.nn.Module):
             repair(model)
