@@ -76,7 +76,6 @@ def compiling() -> bool:
     return _IS_COMPILING is not None and _IS_COMPILING()
 
 
-
 def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
     """wrapt wrapper for a decoder block's ``__call__``: checkpoint it when its flag says so."""
     state = existing_state(instance)
