@@ -204,6 +204,11 @@ def fresh_dynamo():
 
 
 @pytest.mark.skipif(not _compile_works(), reason="torch.compile does not run on this Python/torch")
+@pytest.mark.skipif(
+    Version(torch.__version__).release[:2] < (2, 2),
+    reason="torch 2.1: these compilations pass (checked on 2.1.1), but the interpreter then crashes in torch's garbage "
+    "collection at exit (segfault, 2026-12-03), which fails the whole test session",
+)
 @pytest.mark.heavy  # compiling takes seconds; torch decides what it traces (each era row has its own)
 @pytest.mark.behaviour("engines")
 @pytest.mark.parametrize("order", ["prepare_then_compile", "compile_then_prepare"])
