@@ -66,6 +66,38 @@ def _cli_in_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["qwen-ckpt-compat", "doctor", *args], status, out.getvalue(), err.getvalue())
 
 
+_IN_ONE_INTERPRETER = """
+import contextlib, functools, io, json, sys
+from unittest import mock
+from qwen_ckpt_compat import doctor
+from qwen_ckpt_compat.__main__ import main
+results = []
+for args in json.loads(sys.argv[1]):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \\
+            mock.patch.object(doctor, "run", functools.partial(doctor.run, out=out, err=err)):
+        status = main(["doctor", *args])
+    results.append([status, out.getvalue(), err.getvalue()])
+print(json.dumps(results))
+"""
+
+
+def _clis_in_one_interpreter(*calls: tuple, env: dict, cwd: Path) -> list:
+    """Several ``doctor`` commands, run by the command's own parser in one fresh interpreter (the environment read
+    at import, as a new process reads it), each returned as ``_cli`` returns a finished command."""
+    environment = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    environment.pop("NO_COLOR", None)
+    environment.update(env)
+    finished = subprocess.run(
+        [sys.executable, "-c", _IN_ONE_INTERPRETER, json.dumps([list(call) for call in calls])],
+        capture_output=True, text=True, env=environment, cwd=cwd, timeout=300, check=False,
+    )
+    assert finished.returncode == 0, finished.stderr
+    results = json.loads(finished.stdout.strip().splitlines()[-1])
+    return [subprocess.CompletedProcess(["doctor", *call], status, out, err)
+            for call, (status, out, err) in zip(calls, results)]
+
+
 def _assert_valid(document: dict) -> None:
     errors = validation_errors(document, SCHEMA)
     assert not errors, errors
@@ -486,8 +518,10 @@ def test_hub_id_from_the_local_cache_only(tmp_path, qwen_dir):
     for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
         env[variable] = str(home / "hub")
 
-    # one run covers both: the model from the cache, its code from another cached repo
-    result = _cli("someone/weights-only", "--json", env=env, cwd=tmp_path)
+    # one run covers both: the model from the cache, its code from another cached repo; then a repo not cached
+    result, missing = _clis_in_one_interpreter(
+        ("someone/weights-only", "--json"), ("someone/not-cached",), env=env, cwd=tmp_path
+    )
     document = json.loads(result.stdout)
     assert document["input"]["source"] == "hub-cache", result.stderr
     assert Path(document["input"]["path"]).parent.parent.name == "models--someone--weights-only"
@@ -496,7 +530,6 @@ def test_hub_id_from_the_local_cache_only(tmp_path, qwen_dir):
     assert document["model"]["decoder_blocks"] == ["QWenBlock"]
     assert result.returncode == document["exit_status"] != 2
 
-    missing = _cli("someone/not-cached", env=env, cwd=tmp_path)
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "'someone/not-cached' is not in the local cache" in missing.stderr
     assert "never downloads" in missing.stderr
