@@ -385,7 +385,7 @@ def test_reports_validate_against_the_schema(qwen_report, tmp_path):
                    diagnose(str(write_family(tmp_path / "glm", "chatglm")))):
         document = json.loads(json.dumps(report.to_json()))
         _assert_valid(document)
-        assert document["schema_version"] == 2 and document["exit_status"] == report.exit_status
+        assert document["schema_version"] == 3 and document["exit_status"] == report.exit_status
 
 
 @pytest.mark.release_independent
@@ -737,3 +737,37 @@ def test_resume_from_checkpoint_broken_on_the_installed_pair(monkeypatch, transf
         assert f"transformers {transformers_version}" in problem.summary and versions["torch"] in problem.summary
         assert "resume_from_checkpoint" in problem.summary and "Weights only load failed" in problem.summary
         assert "pip install 'transformers>=4.47.0'" in problem.fix and "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1" in problem.fix
+
+
+_OVERRIDE_BODY = (
+    "        if not self.supports_gradient_checkpointing:\n"
+    "            raise ValueError(f\"{type(self).__name__} cannot checkpoint its layers.\")\n"
+)
+
+
+@pytest.mark.release_independent
+@pytest.mark.parametrize(
+    ("body", "reported"),
+    [
+        ("        pass\n", True),
+        ("        return None\n", True),
+        ("        super().gradient_checkpointing_enable(gradient_checkpointing_kwargs)\n", False),
+        ("        self._set_gradient_checkpointing(self.transformer.encoder, True)\n", False),
+        ("        self.apply(lambda module: None)\n", False),
+        ("        self.transformer.encoder.gradient_checkpointing = True\n", False),
+        ("        setattr(self.transformer.encoder, 'gradient_checkpointing', True)\n", False),
+    ],
+)
+def test_an_enable_override_is_judged_by_what_its_body_can_turn_on(tmp_path, body, reported):
+    """ChatGLM3's revision 37fe000 only refuses; an override that enables anything its own way is not reported."""
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
+    path = TINY_FAMILIES["chatglm_37fe000"].write(tmp_path / "glm")
+    modeling = path / "modeling_chatglm.py"
+    text = modeling.read_text()
+    assert text.count(_OVERRIDE_BODY) == 1
+    modeling.write_text(text.replace(_OVERRIDE_BODY, body))
+    problem = diagnose(str(path)).problem("enable-override-enables-nothing")
+    assert (problem is not None) is reported
+    if reported:
+        assert "modeling_chatglm.py line" in problem.summary and problem.fixed_by == "import"

@@ -23,9 +23,10 @@ given the class or a tokenizer) puts back the exact original attributes:
 * **special tokens as read-only properties** (ChatGLM2/3's ``eos_token``, ``pad_token``, ``unk_token``): from 4.34
   ``save_pretrained`` writes them into ``tokenizer_config.json`` and the base ``__init__`` sets every special
   token it is given, so a saved tokenizer does not load again: "can't set attribute 'eos_token'" (3.11+:
-  "property 'eos_token' of 'ChatGLMTokenizer' object has no setter"). From 4.47 the base keeps them in a table
-  of its own instead, past the property, and adds those absent from ``get_vocab()`` (ChatGLM's maps its special
-  ids to ``""``) as new tokens: the reloaded tokenizer is two tokens longer and its ``unk_token_id`` is a new id.
+  "property 'eos_token' of 'ChatGLMTokenizer' object has no setter"). From 4.47 to 4.57 the base keeps them in a
+  table of its own instead, past the property, and adds those absent from ``get_vocab()`` (ChatGLM's maps its special
+  ids to ``""``) as new tokens: the reloaded tokenizer is two tokens longer and its ``unk_token_id`` is a new id
+  (5.x no longer saves them).
   The class's ``__init__`` keeps these tokens away from the base ``__init__``, so a saved tokenizer loads as the
   original did on every release; a saved value other than the one the property answers is ignored with a
   warning.
@@ -51,18 +52,24 @@ import sys
 import textwrap
 import threading
 import warnings
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Iterable, Optional
 
 from .._patches import registry
 from ._classes import INSTALLED_MARK, code_names, code_objects, is_transformers_class, parameters
 
 __all__ = [
+    "REMOVED_METHODS",
     "accept_padding_side",
     "accept_saved_special_tokens",
+    "attributes_read",
+    "base_init_asks_the_vocabulary",
+    "base_pad_takes_padding_side",
     "is_remote_tokenizer_class",
     "keep_saved_switches",
     "prepare_tokenizer_class",
+    "reordered_init_body",
     "restore_removed_methods",
+    "saved_switches_dropped",
     "set_attributes_before_base_init",
     "tokenizer_group",
     "undo_tokenizer_repairs",
@@ -123,11 +130,17 @@ def _pad_with_side(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) 
             instance.padding_side = before
 
 
+def base_pad_takes_padding_side() -> bool:
+    """Whether this transformers' ``PreTrainedTokenizerBase._pad`` takes ``padding_side``, which ``pad`` then passes
+    to every ``_pad`` (4.45 and later)."""
+    base: Any = _tokenizer_base()
+    return base is not None and "padding_side" in parameters(base._pad)
+
+
 def accept_padding_side(cls: type) -> list:
     """Lets a remote ``_pad`` without ``padding_side`` take it (see the module doc). Idempotent."""
-    base: Any = _tokenizer_base()
     pad = cls.__dict__.get("_pad")
-    if base is None or pad is None or _takes(pad, "padding_side") or "padding_side" not in parameters(base._pad):
+    if pad is None or _takes(pad, "padding_side") or not base_pad_takes_padding_side():
         return []
     what = "accepts padding_side (4.45+ passes it), read as the padding_side attribute while it runs"
     if registry.wrap(cls, "_pad", _pad_with_side, group=tokenizer_group(cls), what=what):
@@ -174,24 +187,40 @@ def _self_calls(node: ast.AST, self_name: str) -> set:
     }
 
 
+def attributes_read(functions: Iterable[ast.AST]) -> set:
+    """The attributes of their first argument (``self``) that the given function definitions read."""
+    read: set = set()
+    for function in functions:
+        arguments = function.args.args if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) else []
+        if arguments:
+            read |= _self_attributes(function, arguments[0].arg, stored=False)
+    return read
+
+
 def _read_elsewhere(cls: type) -> set:
     """The ``self`` attributes read by the class's other methods and properties (what the base ``__init__`` may call)."""
-    read: set = set()
+    definitions = []
     for name, member in vars(cls).items():
         if name == "__init__":
             continue
-        functions = [member.fget] if isinstance(member, property) else [getattr(member, "__func__", member)]
-        for function in functions:
-            if not inspect.isfunction(function):
-                continue
-            try:
-                tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
-            except (OSError, TypeError, SyntaxError):
-                continue
-            arguments = tree.body[0].args.args if isinstance(tree.body[0], ast.FunctionDef) else []
-            if arguments:
-                read |= _self_attributes(tree, arguments[0].arg, stored=False)
-    return read
+        function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+        if not inspect.isfunction(function):
+            continue
+        try:
+            definitions += ast.parse(textwrap.dedent(inspect.getsource(function))).body[:1]
+        except (OSError, TypeError, SyntaxError):
+            continue
+    return attributes_read(definitions)
+
+
+def base_init_asks_the_vocabulary() -> bool:
+    """Whether this transformers' slow-tokenizer ``__init__`` adds the special tokens itself, which asks
+    ``get_vocab()`` / ``vocab_size`` of a tokenizer not yet built (4.34 and later: ``_add_tokens``)."""
+    try:
+        from transformers import PreTrainedTokenizer
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return "_add_tokens" in code_names(PreTrainedTokenizer.__init__)
 
 
 class _ZeroArgumentSuper(ast.NodeTransformer):
@@ -207,18 +236,17 @@ class _ZeroArgumentSuper(ast.NodeTransformer):
         return node
 
 
-def _reordered_init(cls: type, init: Callable) -> Optional[Callable]:
-    """``init`` with the statements after ``super().__init__`` moved before it, or ``None`` where that is unsafe."""
-    try:
-        lines, first_line = inspect.getsourcelines(init)
-        filename = inspect.getsourcefile(init)
-    except (OSError, TypeError):
-        return None
-    try:
-        tree = ast.parse(textwrap.dedent("".join(lines)))
-    except SyntaxError:
-        return None
-    function = tree.body[0]
+def reordered_init_body(function: ast.AST, read_elsewhere: set) -> Optional[tuple]:
+    """The body of an ``__init__`` definition with the statements after ``super().__init__(...)`` moved before it,
+    or ``None`` where that is unsafe or changes nothing (see the module doc).
+
+    Args:
+        function (`ast.FunctionDef`): the ``__init__``'s definition.
+        read_elsewhere (`set`): the ``self`` attributes the class's other methods read (:func:`attributes_read`).
+
+    Returns:
+        `tuple[list, set]` or `None`: the new body, and the moved attributes the other methods read.
+    """
     if not isinstance(function, ast.FunctionDef) or function.decorator_list or not function.args.args:
         return None
     self_name = function.args.args[0].arg
@@ -243,9 +271,29 @@ def _reordered_init(cls: type, init: Callable) -> Optional[Callable]:
             return None
         available |= _self_attributes(statement, self_name, stored=True)
     set_after = set().union(*(_self_attributes(s, self_name, stored=True) for s in after))
-    if not set_after & _read_elsewhere(cls):
+    if not set_after & read_elsewhere:
         return None  # nothing the other methods read: the order does not matter
-    function.body = before + after + [body[index]]
+    return before + after + [body[index]], set_after & read_elsewhere
+
+
+def _reordered_init(cls: type, init: Callable) -> Optional[Callable]:
+    """``init`` with the statements after ``super().__init__`` moved before it, or ``None`` where that is unsafe."""
+    try:
+        lines, first_line = inspect.getsourcelines(init)
+        filename = inspect.getsourcefile(init)
+    except (OSError, TypeError):
+        return None
+    try:
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except SyntaxError:
+        return None
+    function = tree.body[0]
+    reordered = reordered_init_body(function, _read_elsewhere(cls))
+    if reordered is None:
+        return None
+    assert isinstance(function, ast.FunctionDef)
+    self_name = function.args.args[0].arg
+    function.body = reordered[0]
     _ZeroArgumentSuper(self_name).visit(function)
     factory = ast.FunctionDef(
         name="__qcc_factory__",
@@ -366,15 +414,23 @@ def _save_with_switches(names: tuple) -> Callable:
     return wrapper
 
 
+def saved_switches_dropped(init_parameters: Iterable[str]) -> tuple:
+    """Which of ``add_bos_token`` / ``add_eos_token``, among the parameters of a tokenizer's ``__init__``, this
+    transformers' ``save_pretrained`` leaves out of ``tokenizer_config.json`` (read off its code: 5.x names them)."""
+    base: Any = _tokenizer_base()
+    names = tuple(name for name in _SAVED_SWITCHES if name in set(init_parameters))
+    if base is None or not set(names) & _code_constants(base.save_pretrained):
+        return ()
+    return names
+
+
 def keep_saved_switches(cls: type) -> list:
     """``save_pretrained`` of ``cls`` keeps the ``add_*_token`` its ``__init__`` takes (see the module doc)."""
-    base: Any = _tokenizer_base()
     init = cls.__dict__.get("__init__")
-    if base is None or init is None:
+    if init is None:
         return []
-    init = getattr(init, "__wrapped_original__", init)
-    names = tuple(name for name in _SAVED_SWITCHES if name in parameters(init))
-    if not names or not set(names) & _code_constants(base.save_pretrained):
+    names = saved_switches_dropped(parameters(getattr(init, "__wrapped_original__", init)))
+    if not names:
         return []
     what = f"writes {', '.join(names)} to tokenizer_config.json (5.x leaves them out)"
     if registry.wrap(cls, "save_pretrained", _save_with_switches(names), group=tokenizer_group(cls), what=what):
@@ -424,6 +480,10 @@ _REMOVED: dict = {
 }
 for _function in (_encode_plus, _batch_encode_plus, _clean_up_tokenization):
     _function.__dict__[INSTALLED_MARK] = True
+
+#: The base-class methods the library gives a remote tokenizer class whose code calls them where this
+#: transformers lacks them.
+REMOVED_METHODS = frozenset(_REMOVED)
 
 
 def restore_removed_methods(cls: type) -> list:

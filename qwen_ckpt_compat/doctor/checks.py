@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from .._family_registry import families, family_for_config
@@ -19,37 +18,16 @@ from .._loading import NO_IMPORT_HOOK_ENV
 from .._remote_code import ModuleFacts
 from .._repairs.config import PRE_5_CONFIG_DEFAULTS
 from .._repairs.streaming import STREAM_PACKAGE, is_qwen_style_module
+from .._repairs.tokenizers import REMOVED_METHODS as REMOVED_TOKENIZER_METHODS
+from .context import CheckContext
 from .environment import Runtime, import_hook_enabled, quiet, stream_generator_status
 from .model import ModelFacts, ModelFiles, class_constant
-from .report import Problem
+from .tokenizer import IMPORT_TOKENIZER_FIRST, check_tokenizer
 
 __all__ = ["run_checks"]
 
 _GENERATING_METHODS = ("prepare_inputs_for_generation", "generate")
 _INSTALL_NAMES = {"PIL": "pillow", "cv2": "opencv-python", "sklearn": "scikit-learn", "yaml": "pyyaml"}
-
-
-@dataclass
-class _Context:
-    model: ModelFiles
-    facts: ModelFacts
-    runtime: Runtime
-    problems: list = field(default_factory=list)
-
-    @property
-    def caps(self) -> Any:
-        return self.runtime.caps
-
-    @property
-    def transformers(self) -> str:
-        return str(self.runtime.versions.get("transformers"))
-
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        self.problems.append(Problem(*args, **kwargs))
-
-    def fixed_by_loading_hook(self) -> Optional[str]:
-        """Who fixes what the import hook fixes: the hook, which prepares Qwen-style and old-API classes as they load."""
-        return "import" if self.facts.qwen_style or self.facts.old_api else None
 
 
 _PREPARE = (
@@ -74,7 +52,7 @@ def _old_api_fix() -> tuple[str, str]:
     return f"Fixed by {_PREPARE}.", "prepare_for_lora"
 
 
-def _check_model_type(ctx: _Context) -> None:
+def _check_model_type(ctx: CheckContext) -> None:
     model = ctx.model
     if model.remote or model.model_type is None:
         if model.model_type is None and not model.remote:
@@ -104,7 +82,7 @@ def _check_model_type(ctx: _Context) -> None:
         )
 
 
-def _check_checkpointing_api(ctx: _Context) -> None:
+def _check_checkpointing_api(ctx: CheckContext) -> None:
     facts, caps = ctx.facts, ctx.caps
     if facts.supports_gradient_checkpointing is False:
         ctx.add(
@@ -156,7 +134,7 @@ def _check_checkpointing_api(ctx: _Context) -> None:
 _NO_BLOCKS = ("gradient_checkpointing_kwargs", "every_n_layers", "offload", "memory_budget", "selective")
 
 
-def _options_not_honoured(ctx: _Context) -> tuple:
+def _options_not_honoured(ctx: CheckContext) -> tuple:
     """(options of prepare_for_lora it cannot honour for this model here, why), from what the library does."""
     facts, caps, model = ctx.facts, ctx.caps, ctx.model
     names: list = []
@@ -196,7 +174,7 @@ def _options_not_honoured(ctx: _Context) -> tuple:
     return names, reasons
 
 
-def _check_options(ctx: _Context) -> None:
+def _check_options(ctx: CheckContext) -> None:
     if ctx.caps is None or ctx.facts.supports_gradient_checkpointing is False:
         return
     names, reasons = _options_not_honoured(ctx)
@@ -219,7 +197,7 @@ def _modules_importing(model: ModelFiles, package: str) -> list:
     ]
 
 
-def _check_stream_generator(ctx: _Context) -> None:
+def _check_stream_generator(ctx: CheckContext) -> None:
     imports = _modules_importing(ctx.model, STREAM_PACKAGE)
     if not imports:
         return
@@ -274,7 +252,7 @@ def _enclosing_functions(module: ModuleFacts, line: int) -> list:
     return names[-1:]  # the innermost
 
 
-def _check_packages(ctx: _Context) -> None:
+def _check_packages(ctx: CheckContext) -> None:
     demanded: dict = {}
     for module in ctx.model.code.modules:
         packages = ctx.runtime.get_imports(module.path)
@@ -299,7 +277,7 @@ def _check_packages(ctx: _Context) -> None:
             )
 
 
-def _check_transformers_imports(ctx: _Context) -> None:
+def _check_transformers_imports(ctx: CheckContext) -> None:
     if ctx.caps is None:
         return
     for module in ctx.model.code.modules:
@@ -328,22 +306,17 @@ def _check_transformers_imports(ctx: _Context) -> None:
                 )
 
 
-def _check_removed_methods(ctx: _Context) -> None:
+def _methods_missing(ctx: CheckContext, base: type) -> dict:
+    """``{name: (class, line)}``: the ``self.<name>()`` calls of the remote subclasses of ``base`` that neither the
+    remote classes nor their installed bases answer."""
     runtime, model = ctx.runtime, ctx.model
-    base = runtime.pretrained_model
-    if base is None or not model.remote:
-        return
-    try:
-        from .._repairs.model_api import REPLACEMENTS
-    except Exception:  # noqa: BLE001 - torch broken: already reported
-        REPLACEMENTS = {}
     mixin = runtime.generation_mixin
     missing: dict = {}
     for module in model.model_modules:
         for klass in module.classes.values():
             externals = [runtime.external_class(name) for name in model.external_bases(klass)]
             if not any(e is not None and issubclass(e, base) for e in externals) or None in externals:
-                continue  # not a model class, or a base the doctor cannot inspect
+                continue  # not a class of that kind, or a base the doctor cannot inspect
             remote = model.remote_mro(klass)
             generates = any(k.defines(name) for k in remote for name in _GENERATING_METHODS)
             for name, line in klass.self_calls.items():
@@ -352,25 +325,47 @@ def _check_removed_methods(ctx: _Context) -> None:
                 if generates and mixin is not None and hasattr(mixin, name):
                     continue  # transformers adds GenerationMixin to generating remote classes when loading them
                 missing.setdefault(name, (klass, line))
-    for name, (klass, line) in missing.items():
+    return missing
+
+
+def _check_removed_methods(ctx: CheckContext) -> None:
+    runtime, model = ctx.runtime, ctx.model
+    base = runtime.pretrained_model
+    if base is None or not model.remote:
+        return
+    try:
+        from .._repairs.model_api import REPLACEMENTS
+    except Exception:  # noqa: BLE001 - torch broken: already reported
+        REPLACEMENTS = {}
+    for name, (klass, line) in _methods_missing(ctx, base).items():
         fixed_by = ctx.fixed_by_loading_hook() if name in REPLACEMENTS else None
-        how = (
-            f"Fixed by {_IMPORT_FIRST}; `patch(model)` also adds it to a model loaded before."
-            if fixed_by
-            else "qwen-ckpt-compat does not replace it: use a transformers release that still has it."
-        )
-        ctx.add(
-            "removed-api-called",
-            f"{klass.name} calls self.{name}() ({klass.module.path.name} line {line}), which transformers "
-            f"{ctx.transformers}'s {base.__name__} does not have: AttributeError when that code runs",
-            how,
-            fixed_by=fixed_by,
-            needs_action=fixed_by is None,
-            subject=name,
-        )
+        how = f"Fixed by {_IMPORT_FIRST}; `patch(model)` also adds it to a model loaded before."
+        _report_missing(ctx, base, name, klass, line, fixed_by, how)
+    tokenizer_base = runtime.tokenizer_base
+    if tokenizer_base is None or model.tokenizer_class is None:
+        return
+    for name, (klass, line) in _methods_missing(ctx, tokenizer_base).items():
+        # the import hook gives every remote tokenizer class the methods it carries
+        fixed_by = "import" if name in REMOVED_TOKENIZER_METHODS else None
+        how = f"Fixed by {IMPORT_TOKENIZER_FIRST}."
+        _report_missing(ctx, tokenizer_base, name, klass, line, fixed_by, how)
 
 
-def _check_config_attributes(ctx: _Context) -> None:
+def _report_missing(
+    ctx: CheckContext, base: type, name: str, klass: Any, line: int, fixed_by: Optional[str], how: str
+) -> None:
+    ctx.add(
+        "removed-api-called",
+        f"{klass.name} calls self.{name}() ({klass.module.path.name} line {line}), which transformers "
+        f"{ctx.transformers}'s {base.__name__} does not have: AttributeError when that code runs",
+        how if fixed_by else "qwen-ckpt-compat does not replace it: use a transformers release that still has it.",
+        fixed_by=fixed_by,
+        needs_action=fixed_by is None,
+        subject=name,
+    )
+
+
+def _check_config_attributes(ctx: CheckContext) -> None:
     defaults = ctx.runtime.config_attributes
     model = ctx.model
     if defaults is None or not model.remote:
@@ -456,7 +451,7 @@ def _auto_enabled_checkpointing(model: ModelFiles) -> Optional[str]:
     return None
 
 
-def _check_auto_enable(ctx: _Context) -> None:
+def _check_auto_enable(ctx: CheckContext) -> None:
     model, caps, base = ctx.model, ctx.caps, ctx.runtime.pretrained_model
     if model.model_class is None or caps is None or base is None or not ctx.facts.supports_gradient_checkpointing:
         return
@@ -485,7 +480,66 @@ def _check_auto_enable(ctx: _Context) -> None:
     )
 
 
-def _check_import_hook(ctx: _Context) -> None:
+#: Calls and attributes by which an enable method turns checkpointing on (itself, or through the base method).
+_ENABLING_CALLS = frozenset({"_set_gradient_checkpointing", "gradient_checkpointing_enable", "apply"})
+_ENABLING_ATTRIBUTES = frozenset({"gradient_checkpointing", "_gradient_checkpointing_func"})
+
+
+def _enables_something(function: ast.FunctionDef) -> bool:
+    """Whether an enable method's body can turn checkpointing on: it calls the base's or the old method (or
+    ``apply``), or sets a ``gradient_checkpointing`` flag. ChatGLM3's revision 37fe000 only raises or returns."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if name in _ENABLING_CALLS:
+                return True
+            if name == "setattr" and len(node.args) > 1 and isinstance(node.args[1], ast.Constant):
+                if node.args[1].value in _ENABLING_ATTRIBUTES:
+                    return True
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr in _ENABLING_ATTRIBUTES:
+            return True
+    return False
+
+
+def _check_enable_override(ctx: CheckContext) -> None:
+    model, caps = ctx.model, ctx.caps
+    if model.model_class is None or caps is None or ctx.facts.supports_gradient_checkpointing is False:
+        return
+    klass = model.first_defining("gradient_checkpointing_enable", method=True)
+    if klass is None or _enables_something(klass.methods["gradient_checkpointing_enable"]):
+        return
+    where = f"{klass.module.path.name} line {klass.methods['gradient_checkpointing_enable'].lineno}"
+    summary = (
+        f"{klass.name} overrides gradient_checkpointing_enable ({where}) with code that turns no checkpointing on: "
+        "gradient_checkpointing_enable(), peft's prepare_model_for_kbit_training and Trainer(gradient_checkpointing="
+        "True) train without recomputing any block, whatever gradient_checkpointing_kwargs say"
+    )
+    parameters = klass.parameters("gradient_checkpointing_enable")
+    takes_all = any(p.startswith("**") for p in parameters)
+    lacking = [n for n in ("every_n_layers", "offload") if n not in parameters and not takes_all]
+    if caps.activation_checkpointing_api and lacking:
+        summary += (
+            f"; on transformers {ctx.transformers} Trainer(gradient_checkpointing=True) passes {' and '.join(lacking)}, "
+            "which it does not take: TypeError"
+        )
+    if import_hook_enabled():
+        fix, fixed_by = (
+            f"Fixed by {_IMPORT_FIRST}: the class is patched as it loads, and every enable call then checkpoints each "
+            "block in the mode asked for. For a model loaded before the import: `model = prepare_for_lora(model)`.",
+            "import",
+        )
+    else:
+        fix, fixed_by = f"Fixed by {_PREPARE}.", "prepare_for_lora"
+    ctx.add(
+        "enable-override-enables-nothing",
+        summary,
+        fix,
+        fixed_by=fixed_by,
+        subject=f"{klass.name}.gradient_checkpointing_enable",
+    )
+
+
+def _check_import_hook(ctx: CheckContext) -> None:
     if import_hook_enabled():
         return
     if any(p.fixed_by == "import" for p in ctx.problems):
@@ -500,7 +554,7 @@ def _check_import_hook(ctx: _Context) -> None:
         )
 
 
-def _check_family(ctx: _Context) -> None:
+def _check_family(ctx: CheckContext) -> None:
     family = family_for_config(ctx.model.config)
     if ctx.caps is None or family is None:
         return
@@ -522,6 +576,8 @@ _CHECKS = (
     _check_removed_methods,
     _check_config_attributes,
     _check_auto_enable,
+    _check_enable_override,
+    check_tokenizer,
     _check_family,
     _check_import_hook,  # last: it looks at what the others found
 )
@@ -529,7 +585,7 @@ _CHECKS = (
 
 def run_checks(model: ModelFiles, facts: ModelFacts, runtime: Runtime) -> list:
     """Every problem of ``model`` on this installation, in the order of :data:`_CHECKS`."""
-    context = _Context(model=model, facts=facts, runtime=runtime)
+    context = CheckContext(model=model, facts=facts, runtime=runtime)
     for check in _CHECKS:
         with quiet():
             check(context)

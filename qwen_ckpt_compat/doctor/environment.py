@@ -251,6 +251,10 @@ class Runtime:
         return self._attribute("transformers", "PreTrainedModel")
 
     @functools.cached_property
+    def tokenizer_base(self) -> Optional[type]:
+        return self._attribute("transformers", "PreTrainedTokenizerBase")
+
+    @functools.cached_property
     def selective_available(self) -> Optional[bool]:
         """Whether torch has selective activation checkpointing (``selective=True``); ``None``: cannot tell."""
         return _guarded(lambda: speed_hooks().selective_available())

@@ -99,6 +99,8 @@ class ModelFiles:
     code: RemoteCode
     model_class: Optional[ClassFacts] = None
     config_class: Optional[ClassFacts] = None
+    tokenizer_class: Optional[ClassFacts] = None
+    tokenizer_config: dict = field(default_factory=dict)
 
     @property
     def model_type(self) -> Optional[str]:
@@ -110,6 +112,7 @@ class ModelFiles:
         return self.model_class is not None
 
     def remote_mro(self, cls: ClassFacts) -> list:
+        """The remote-code classes of ``cls``'s method resolution order, ``cls`` first."""
         return [k for k in self.code.mro(cls) if isinstance(k, ClassFacts)]
 
     def external_bases(self, cls: ClassFacts) -> list:
@@ -147,7 +150,9 @@ def read_model(directory: Path) -> ModelFiles:
     except ValueError as error:
         raise DoctorInputError(config_path, f"auto_map: {error}") from None
 
-    model = ModelFiles(directory=directory, config=config, code=RemoteCode(directory, _hub_snapshot))
+    model = ModelFiles(
+        directory=directory, config=config, code=RemoteCode(directory, _hub_snapshot), tokenizer_config=tokenizer_config
+    )
     try:
         resolved = {key: [model.code.resolve(ref) for ref in refs] for key, refs in references.items()}
     except RemoteCodeError as error:
@@ -158,6 +163,8 @@ def read_model(directory: Path) -> ModelFiles:
     model_keys += sorted(k for k in resolved if k.startswith("AutoModel") and k not in model_keys)
     if model_keys:
         model.model_class = resolved[model_keys[0]][0]
+    if "AutoTokenizer" in resolved:
+        model.tokenizer_class = resolved["AutoTokenizer"][0]  # the slow class: remote tokenizers have no other
     return model
 
 

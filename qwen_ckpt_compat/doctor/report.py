@@ -24,7 +24,7 @@ __all__ = [
     "use_colour",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The JSON Schema of :meth:`Report.to_json` (documented in docs/doctor.md).
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.json"
 
@@ -63,6 +63,12 @@ PROBLEM_IDS = frozenset(
         "checkpointing-enabled-on-load",
         "load-raises-enable-typeerror",
         "import-hook-disabled",
+        "enable-override-enables-nothing",
+        # the tokenizer
+        "tokenizer-pad-padding-side",
+        "tokenizer-attributes-after-base-init",
+        "tokenizer-saved-special-tokens",
+        "tokenizer-saved-switches-dropped",
         # measured family facts (each family module's doctor_facts)
         "internlm-nan-loss",
         "qwen-vl-vision-tower",
