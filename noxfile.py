@@ -210,7 +210,10 @@ VISION_ROWS = {
     "5.24.0-newest": ("pillow==13.0.0", "requests==2.34.2"),
 }
 # What the vision rows run: the family test files, Qwen-VL's tests only (the rest runs in the rows themselves).
-VISION_TESTS = ("tests/test_families.py", "tests/test_families_newer.py", "tests/test_fixture_faithful_families.py")
+VISION_TESTS = (
+    "tests/test_families.py", "tests/test_families_newer.py", "tests/test_fixture_faithful_families.py",
+    "tests/test_examples.py",  # examples/finetune_families.py --family qwen_vl
+)  # fmt: skip
 # What the no-tsg rows run: the test files whose outcome depends on whether transformers_stream_generator is
 # installed (loading Qwen-style code through the import hook's check, chat_stream, the doctor's streaming checks,
 # the fixtures' faithfulness to the real loading), plus the LoRA path on a model loaded that way. The rest runs in
