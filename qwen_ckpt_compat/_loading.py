@@ -15,9 +15,11 @@ set), three functions of ``transformers.dynamic_module_utils`` are wrapped, thro
 * ``get_cached_module_file``, with ``get_class_in_module``: one remote load at a time copies the files into the
   module cache and imports them. transformers copies them outside its own lock, so a thread could import a file
   another thread was still writing (``module '...configuration_qwen' has no attribute 'QWenConfig'``, seen from
-  four threads loading one folder: 9 rounds in 150 on 4.45.2). The remote model class's ``from_pretrained`` takes
-  the same lock (:data:`qwen_ckpt_compat._repairs._classes.LOADING`): from 4.51 to 4.57 it swaps
-  ``nn.Module.register_parameter`` process-wide, and two loads at once left parameters on the meta device.
+  four threads loading one folder: 9 rounds in 150 on 4.45.2).
+* ``PreTrainedModel.from_pretrained``: takes the same lock (:data:`qwen_ckpt_compat._repairs._classes.LOADING`),
+  for every model class and in every thread, a thread inside :func:`remote_code_loading_disabled` included: from
+  4.51 to 4.57 ``from_pretrained`` swaps ``nn.Module.register_parameter`` process-wide (``init_empty_weights``),
+  and two loads at once left parameters on the meta device for the rest of the process.
 
 Nothing on disk is changed (neither the model directory nor the Hugging Face cache).
 :func:`disable_remote_code_loading` undoes the wrappers (one wrapped since by another library stays, inert:
@@ -50,6 +52,7 @@ __all__ = [
 ]
 
 _TARGET = "transformers.dynamic_module_utils"
+_MODELING = "transformers.modeling_utils"
 NO_IMPORT_HOOK_ENV = "QWEN_CKPT_COMPAT_NO_IMPORT_HOOK"
 _GROUP = ("loading",)
 _state = {"enabled": False, "hook_registered": False}
@@ -85,6 +88,18 @@ def _get_class_in_module(wrapped: Any, instance: Any, args: tuple, kwargs: dict)
     return cls
 
 
+def _one_load_at_a_time(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    with LOADING:
+        return wrapped(*args, **kwargs)
+
+
+def _install_load_lock(module: Any) -> None:
+    with _lock:
+        if _state["enabled"]:
+            what = "one model loads at a time"
+            registry.wrap(module.PreTrainedModel, "from_pretrained", _one_load_at_a_time, group=_GROUP, what=what)
+
+
 def _install(module: Any) -> None:
     with _lock:
         if not _state["enabled"]:
@@ -105,9 +120,15 @@ def enable_remote_code_loading() -> None:
         _state["enabled"] = True
         if _TARGET in sys.modules:
             _install(sys.modules[_TARGET])
-        elif not _state["hook_registered"]:
+        if _MODELING in sys.modules:
+            _install_load_lock(sys.modules[_MODELING])
+        if not _state["hook_registered"]:
             _state["hook_registered"] = True
-            wrapt.register_post_import_hook(_install, _TARGET)
+            # Each runs at its module's import, once; `_install*` do nothing while disabled.
+            if _TARGET not in sys.modules:
+                wrapt.register_post_import_hook(_install, _TARGET)
+            if _MODELING not in sys.modules:  # imports torch: not imported here, only waited for
+                wrapt.register_post_import_hook(_install_load_lock, _MODELING)
 
 
 def disable_remote_code_loading() -> None:

@@ -223,3 +223,32 @@ def test_the_switch_is_per_thread(template, tmp_path):
         removed = (streaming.STREAM_PACKAGE, "BeamSearchScorer", "DisjunctiveConstraint")
         assert any(name in seen["error"] for name in removed), seen["error"]
     unpatch(type(model))
+
+
+def test_a_load_with_the_hook_off_waits_for_another_thread_s_load(tmp_path):
+    """The one-load-at-a-time lock holds for every ``from_pretrained`` while the hook is on, whatever the thread's
+    switch and whatever the class (one loaded with ``remote_code_loading_disabled()`` is not prepared, a native one
+    never is): from 4.51 to 4.57 a load outside the lock beside one inside it left ``nn.Module.register_parameter``
+    on the meta device for the rest of the process (a whole matrix row failed, 4.55.4, 2026-12-03)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qwen_ckpt_compat._repairs._classes import LOADING
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    done = threading.Event()
+
+    def load() -> None:
+        with remote_code_loading_disabled():
+            LlamaForCausalLM.from_pretrained(tmp_path / "llama")
+        done.set()
+
+    with LOADING:  # another thread's load, in progress
+        worker = threading.Thread(target=load)
+        worker.start()
+        finished_meanwhile = done.wait(timeout=5)
+    worker.join(timeout=120)
+    assert not finished_meanwhile, "the load ran beside another thread's load"
+    assert done.is_set()
+    assert torch.nn.Module.register_parameter.__module__ == "torch.nn.modules.module"
