@@ -28,6 +28,17 @@ def tiny_qwen_dir(tmp_path_factory: pytest.TempPathFactory):
     return write_tiny_qwen(tmp_path_factory.mktemp("tiny-qwen"))
 
 
+@pytest.fixture(autouse=True)
+def _library_environment_kept():
+    """No test leaves a ``QWEN_CKPT_COMPAT_*`` variable changed: the next tests' subprocesses (examples, engines,
+    the doctor's command line) inherit it. Importing ``tools/make_reference.py`` once set
+    ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1`` for the rest of the session."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("QWEN_CKPT_COMPAT_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("QWEN_CKPT_COMPAT_")}
+    assert after == before, f"the test changed the environment: {before} -> {after}"
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _record_python_and_torch(record_testsuite_property):
     """The Python and torch this run used, as JUnit properties: docs/compatibility.md shows them per row."""

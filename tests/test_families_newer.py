@@ -9,6 +9,7 @@ tables, and the generic ones (legacy caches, position ids, weights left loaded).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -33,17 +34,16 @@ def _lora_key(name: str) -> str:
 @pytest.fixture(params=FAMILIES)
 def setup(request, tmp_path, monkeypatch):
     """(family, model directory, reference) with the working directory holding Qwen-VL's reference image."""
-    import sys
-
     family = family_of_fixture(request.param)
     reference = torch.load(REFERENCES / f"{family.name}_reference.pt", weights_only=True)
     assert reference["family"] == family.name and reference["versions"]["transformers"] == "4.55.4"
     if "image" in reference["inputs"]:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-        try:
+        # The reference tool turns the import hook off for its own process when imported: not for this one's
+        # later subprocesses (the examples). setenv first, so that the context puts back the variable's absence.
+        with monkeypatch.context() as environment:
+            environment.setenv("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", os.environ.get("QWEN_CKPT_COMPAT_NO_IMPORT_HOOK", ""))
+            environment.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
             from make_reference import write_image
-        finally:
-            sys.path.pop(0)
         write_image(reference["inputs"]["image"], tmp_path)
         monkeypatch.chdir(tmp_path)  # the ids spell the image's relative path
     return family, fresh_dir(tmp_path, family.write), reference
