@@ -1,8 +1,8 @@
 """The import hook: old remote code is prepared the moment transformers loads it.
 
 While enabled (it is, from ``import qwen_ckpt_compat`` on, unless ``QWEN_CKPT_COMPAT_NO_IMPORT_HOOK=1`` is
-set), three functions of ``transformers.dynamic_module_utils`` are wrapped, through the patch registry (group
-``("loading",)``):
+set), three functions of ``transformers.dynamic_module_utils`` and ``PreTrainedModel.from_pretrained`` are
+wrapped, through the patch registry (group ``("loading",)``):
 
 * ``get_class_in_module``: every class transformers loads from remote code is handed to
   :func:`qwen_ckpt_compat._preparation.prepare_class`: an old-API model class gets the class patch before any
