@@ -310,7 +310,6 @@ def _settings_for(model: torch.nn.Module, function: Optional[Callable], every_n_
     defaults = state_of(model).defaults or CheckpointRequest()
     if noted is not None and noted[0] == id(model):
         noted[2].append(True)  # the enable call reached the patch
-    if noted is not None and noted[0] == id(model):
         # An enable call (Trainer's): the function transformers built binds the same kwargs, but offload, selective
         # recompute's context and the 8-bit default are the library's, so it is rebuilt from the noted request.
         request = noted[1].over(defaults)

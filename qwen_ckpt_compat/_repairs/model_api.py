@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
+import textwrap
 from typing import Any, Callable, Optional
 
 import torch
@@ -134,9 +136,6 @@ def _rejects_extra_keywords(forward: Callable) -> bool:
     deprecated_arguments: raise ValueError("Got unexpected arguments: ...")``): an ``if`` whose test reads the
     ``**`` parameter and whose body raises.
     """
-    import ast
-    import textwrap
-
     try:
         signature = inspect.signature(forward)
     except (TypeError, ValueError):

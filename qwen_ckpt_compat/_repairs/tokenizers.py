@@ -59,6 +59,7 @@ from ._classes import INSTALLED_MARK, code_names, code_objects, is_transformers_
 
 __all__ = [
     "REMOVED_METHODS",
+    "SPECIAL_TOKENS",
     "accept_padding_side",
     "accept_saved_special_tokens",
     "attributes_read",
@@ -335,7 +336,8 @@ def set_attributes_before_base_init(cls: type) -> list:
 
 # --- read-only special tokens ------------------------------------------------------------------------------
 
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+#: The special tokens ``PreTrainedTokenizerBase`` sets from its arguments.
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _content(token: Any) -> Any:
@@ -346,7 +348,7 @@ def _read_only_special_tokens(cls: type) -> tuple:
     """The special tokens ``cls`` itself answers with a property that has no setter."""
     return tuple(
         name
-        for name in _SPECIAL_TOKENS
+        for name in SPECIAL_TOKENS
         if isinstance(cls.__dict__.get(name), property) and cls.__dict__[name].fset is None
     )
 

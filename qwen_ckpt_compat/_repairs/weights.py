@@ -22,13 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 import weakref
 from typing import Any, Callable, Iterator
 
 import torch
 
 from .._patches import registry
-from ._classes import INSTALLED_MARK, LOADING, REPAIRS, defines, parameters, remote_package_modules
+from ..errors import CompatWarning
+from ._classes import (
+    INSTALLED_MARK,
+    LOADING,
+    REPAIRS,
+    defines,
+    parameters,
+    remote_classes,
+    remote_package_modules,
+)
 
 __all__ = [
     "protect_loaded_weights",
@@ -220,11 +230,6 @@ def tie_output_embeddings(model: Any) -> list[str]:
     Returns:
         `list[str]`: what was tied now.
     """
-    import warnings
-
-    from ..errors import CompatWarning
-    from ._classes import remote_classes
-
     if not remote_classes(type(model)) or _declares_tied_weights(model):
         return []
     if not getattr(getattr(model, "config", None), "tie_word_embeddings", True):

@@ -23,7 +23,6 @@ IMPORT_TOKENIZER_FIRST = (
     "`import qwen_ckpt_compat` before `AutoTokenizer.from_pretrained(..., trust_remote_code=True)` (the import "
     "repairs the tokenizer class as it loads; `qwen_ckpt_compat.unpatch(tokenizer)` undoes it)"
 )
-_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 #: From 4.34 ``save_pretrained`` writes the special tokens into ``tokenizer_config.json`` and the base ``__init__``
 #: sets them when loading, which a read-only property refuses; from 4.47 the base keeps them in a table of its own,
 #: past the property, and adds those its vocabulary does not list as new tokens; from 5.0 ``save_pretrained`` no
@@ -83,7 +82,7 @@ def _is_read_only_property(node: Optional[ast.AST]) -> bool:
 
 
 def _check_special_tokens(ctx: CheckContext, klass: ClassFacts) -> None:
-    names = [name for name in _SPECIAL_TOKENS if _is_read_only_property(klass.methods.get(name))]
+    names = [name for name in repairs.SPECIAL_TOKENS if _is_read_only_property(klass.methods.get(name))]
     release = Version(ctx.transformers)
     if not names or not repairs.base_init_asks_the_vocabulary() or release >= _SPECIAL_TOKENS_NOT_SAVED:
         return
