@@ -666,7 +666,7 @@ def _shadow_peft(tmp_path: Path, source: str, version: str) -> dict:
     return {"PYTHONPATH": os.pathsep.join([str(shadow), str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.mark.heavy  # a stand-in peft: the library's code decides, not the release
+@pytest.mark.release_independent  # a stand-in peft: the library's code decides, not the release
 def test_peft_whose_get_peft_model_fails_is_reported_not_raised(tmp_path):
     """transformers 4.45.2 with peft 0.21.2 and torch 2.13: peft imports, get_peft_model raises (peft's bug,
     with or without the library); simulated here on every row by a peft that fails the same way."""
@@ -687,7 +687,7 @@ def test_peft_whose_get_peft_model_fails_is_reported_not_raised(tmp_path):
     assert text.returncode == 1 and "ACTION peft-fails-with-transformers" in text.stdout
 
 
-@pytest.mark.heavy  # a stand-in peft: the library's code decides, not the release
+@pytest.mark.release_independent  # a stand-in peft: the library's code decides, not the release
 def test_peft_that_works_is_not_reported(tmp_path):
     working = _FAILING_PEFT.replace('raise AttributeError("module \'torch.distributed\' has no attribute \'tensor\'")',
                                     "return model")
@@ -695,7 +695,7 @@ def test_peft_that_works_is_not_reported(tmp_path):
     assert "peft-fails-with-transformers" not in [p["id"] for p in document["problems"]]
 
 
-@pytest.mark.heavy  # a stand-in peft: the library's code decides, not the release
+@pytest.mark.release_independent  # a stand-in peft: the library's code decides, not the release
 def test_peft_failing_at_import_is_peft_unusable_with_a_release_to_install(tmp_path):
     env = _shadow_peft(tmp_path, "from transformers.modeling_layers_gone import X\n", "0.18.0")
     document = json.loads(_cli("--json", env=env).stdout)
