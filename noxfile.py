@@ -170,25 +170,28 @@ ROWS = (
     # spawns: no, the fallback era (launched by the 4.48.3-py3.12-torch2.5.1 era row)
     Row("4.55.4", "4.55.4-last-loading", "2025-08-22T15:18:40Z", quick=True),
     # remote code no longer loads: transformers_stream_generator imports the removed BeamSearchScorer
-    # spawns: no: loading through the library's import hook is tested in process here; 5.24.0-newest launches
+    # spawns: no: loading through the library's import hook is tested in process here; 5.25.0-newest launches
     # the engines on a release where only the library loads the model
     Row("4.57.6", "4.57.6-beamsearch-gone", "2026-01-16T10:38:31Z"),
     # native default becomes use_reentrant=False; get_head_mask and DisjunctiveConstraint removed
-    # spawns: no, the 5.x era is launched by 5.24.0-newest and its era row (5.24.0-py3.13-torch2.15.0)
+    # spawns: no, the 5.x era is launched by 5.25.0-newest and its era row (5.24.0-py3.13-torch2.15.0)
     Row("5.0.0", "5.0.0-nonreentrant-no-head-mask", "2026-01-26T10:46:43Z"),
     # mid-5.x before every_n_layers; huggingface_hub 1.x era
-    # spawns: no, the 5.x era is launched by 5.24.0-newest and its era row
+    # spawns: no, the 5.x era is launched by 5.25.0-newest and its era row
     Row("5.12.1", "5.12.1-v5", "2026-06-15T17:27:46Z"),
     # every_n_layers (5.16) and offload=True (5.17) for native models; ignored for the old format
-    # spawns: no, native-model options: the engines run the remote-code model (5.24.0-newest has both options too)
+    # spawns: no, native-model options: the engines run the remote-code model (5.25.0-newest has both options too)
     Row("5.17.0", "5.17.0-every-n-offload", "2026-09-09T15:39:53Z"),
     # activation_checkpointing_enable(); gradient_checkpointing_enable becomes a deprecated alias
-    # spawns: no, 5.24.0-newest has the same API
+    # spawns: no, 5.25.0-newest has the same API
     Row("5.23.0", "5.23.0-activation-ckpt", "2026-11-13T14:10:36Z"),
-    # newest transformers on PyPI (2026-11-28)
+    # generate passes the past to prepare_inputs_for_generation as cache= instead of past_key_values=
+    # spawns: no, 5.25.0-newest has the same API (its era row, 5.24.0-py3.13-torch2.15.0, launches them on 5.24)
+    Row("5.24.0", "5.24.0-cache-keyword", "2026-11-21T12:24:29Z"),
+    # newest transformers on PyPI (2026-12-03)
     # spawns: yes, the 5.x row: the newest transformers, peft and accelerate on torch 2.13. It also runs the
     # release-independent tests (RELEASE_INDEPENDENT_ROWS): with both, it runs the whole test suite
-    Row("5.24.0", "5.24.0-newest", "2026-11-21T12:24:29Z", quick=True, spawns=True),
+    Row("5.25.0", "5.25.0-newest", "2026-12-01T18:03:52Z", quick=True, spawns=True),
 )
 ROWS_BY_ID = {row.id: row for row in ROWS}
 ROWS_BY_VERSION = {row.transformers: row for row in ROWS}
@@ -200,7 +203,7 @@ ROWS_BY_VERSION = {row.transformers: row for row in ROWS}
 # newest: that row runs the whole suite and is the run's longest session); a few elsewhere.
 STRESS_ROWS = ("4.45.2-fallback", "5.12.1-v5")
 STRESS_ROUNDS_ELSEWHERE = "8"
-NO_TSG_ROWS = ("4.55.4-last-loading", "5.24.0-newest")
+NO_TSG_ROWS = ("4.55.4-last-loading", "5.25.0-newest")
 # Rows re-run with what Qwen-VL's remote visual.py imports when it loads (Pillow, requests; elsewhere its tests
 # skip): the newest release where Qwen's remote code loads unmodified, and the newest release. Pinned here, as
 # PyPI had them at each row's cut-off (the rows' constraints files do not list Pillow). torchvision, which the
@@ -208,7 +211,7 @@ NO_TSG_ROWS = ("4.55.4-last-loading", "5.24.0-newest")
 # ("operator torchvision::nms does not exist"), so the tiny fixture does its image transform with Pillow.
 VISION_ROWS = {
     "4.55.4-last-loading": ("pillow==11.3.0", "requests==2.32.5"),
-    "5.24.0-newest": ("pillow==13.0.0", "requests==2.34.2"),
+    "5.25.0-newest": ("pillow==13.0.0", "requests==2.34.2"),
 }
 # What the vision rows run: the family test files, Qwen-VL's tests only (the rest runs in the rows themselves).
 VISION_TESTS = (
@@ -271,7 +274,7 @@ ERA_ROWS = (
     EraRow(ROWS_BY_ID["4.48.3-fallback"], "3.12", "2.5.1"),
     # the newest Python the bounds declare with the newest torch and transformers on PyPI (2026-11-28)
     # spawns: yes: the newest torch's FSDP2 (torch.distributed.fsdp) and every engine
-    EraRow(ROWS_BY_ID["5.24.0-newest"], "3.13", "2.15.0"),
+    EraRow(ROWS_BY_ID["5.24.0-cache-keyword"], "3.13", "2.15.0"),
 )
 ERA_ROWS_BY_ID = {era.id: era for era in ERA_ROWS}
 

@@ -45,10 +45,11 @@ MATRIX_PINS = (
     MatrixPins("5.17.0", "0.20.0", "1.15.0"),
     MatrixPins("5.23.0", "0.21.2", "1.15.0"),
     MatrixPins("5.24.0", "0.21.2", "1.15.0"),
+    MatrixPins("5.25.0", "0.21.2", "1.16.0"),
 )
 
 #: The newest row was resolved with the packages the index had on this day: "known" means known then.
-KNOWN_AS_OF = "2026-11-22"
+KNOWN_AS_OF = "2026-12-02"
 
 
 def matrix_pins(transformers: Optional[str]) -> Optional[MatrixPins]:
