@@ -144,7 +144,11 @@ def write_tiny_glm4(
     }
     config.update(config_overrides)
     eos = len(ranks())
-    generation_config = {"eos_token_id": [eos, eos + SPECIAL_TOKENS.index("<|user|>")], "pad_token_id": eos, "do_sample": False}
+    generation_config = {
+        "eos_token_id": [eos, eos + SPECIAL_TOKENS.index("<|user|>")],
+        "pad_token_id": eos,
+        "do_sample": False,
+    }
     target = write_model_dir(
         path,
         code_dir=CODE_DIR,
@@ -153,9 +157,16 @@ def write_tiny_glm4(
         tensors=lambda c: _tensors(c, seed),
         generation_config=generation_config,
         tokenizer_config=remote_tokenizer_config(
-            "ChatGLM4Tokenizer", "tokenization_chatglm", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-            additional_special_tokens=list(SPECIAL_TOKENS), chat_template=CHAT_TEMPLATE, padding_side="left",
-            remove_space=False, do_lower_case=False, model_max_length=128,
+            "ChatGLM4Tokenizer",
+            "tokenization_chatglm",
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            additional_special_tokens=list(SPECIAL_TOKENS),
+            chat_template=CHAT_TEMPLATE,
+            padding_side="left",
+            remove_space=False,
+            do_lower_case=False,
+            model_max_length=128,
         ),
         files={"tokenizer.model": ranks_file()},
     )
@@ -163,7 +174,9 @@ def write_tiny_glm4(
         modeling = target / "modeling_chatglm.py"
         text = modeling.read_text(encoding="utf-8")
         if text.count(_OVERRIDE) != 1:
-            raise RuntimeError("the GLM-4 fixture changed: its enable override is not found once in modeling_chatglm.py")
+            raise RuntimeError(
+                "the GLM-4 fixture changed: its enable override is not found once in modeling_chatglm.py"
+            )
         modeling.write_text(text.replace(_OVERRIDE, ""), encoding="utf-8")
     return target
 
@@ -176,7 +189,10 @@ def write_tiny_glm4_latest(path: PathLike, **kwargs: Any) -> Path:
 def glm4_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
     """GLM-4's chat formats: ``build_chat_input`` (role tokens, with one turn of history) and, where the release has
     it (4.34+), ``apply_chat_template`` with the template of ``tokenizer_config.json``."""
-    history: List[Dict[str, str]] = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "good day"}]
+    history: List[Dict[str, str]] = [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "good day"},
+    ]
     built = tokenizer.build_chat_input("how are you?", history=history)
     result: Dict[str, Any] = {
         "build_chat_input_ids": built["input_ids"][0].tolist(),
@@ -184,7 +200,9 @@ def glm4_chat(tokenizer: Any, path: PathLike) -> Dict[str, Any]:
     }
     if hasattr(tokenizer, "apply_chat_template"):
         messages = [*history, {"role": "user", "content": "how are you?"}]
-        result["template_ids"] = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        # 5.x returns the encoding (a mapping) where 4.x returned the ids
+        result["template_ids"] = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     return result
 
 

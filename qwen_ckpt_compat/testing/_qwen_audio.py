@@ -26,7 +26,7 @@ CODE_FILES: Tuple[str, ...] = (
     "tokenization_qwen.py",
 )
 AUDIO_START_ID = 300  # <audio>; </audio> is 301, the padding inside a span 302
-AUDIO_TARGET_MODULES: Tuple[str, ...] = ("query", "value", "out")
+AUDIO_TARGET_MODULES: Tuple[str, ...] = ("attn.query", "attn.value", "attn.out")
 """Targets inside the audio encoder's blocks, for tests that train the encoder too."""
 SAMPLE = "sample.wav"
 """The audio file each fixture directory holds (0.2 s: a span of 10 ids)."""
@@ -81,7 +81,9 @@ def tone_wav(seconds: float = 0.2, frequency: float = 200.0, rate: int = 1600) -
     import io
 
     count = int(seconds * rate)
-    samples = b"".join(struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * i / rate))) for i in range(count))
+    samples = b"".join(
+        struct.pack("<h", int(12000 * math.sin(2 * math.pi * frequency * i / rate))) for i in range(count)
+    )
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as f:
         f.setnchannels(1)
