@@ -15,7 +15,6 @@ import json
 import warnings
 
 import pytest
-import torch
 from helpers import (
     TRANSFORMERS,
     count_calls,

@@ -7,7 +7,7 @@
 # the encoder. See docs/facts/qwen-audio.md. It is not a copy of the real code.
 
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -19,7 +19,14 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from transformers import PreTrainedTokenizer
 
-from .audio import CHUNK_SAMPLES, HOP_LENGTH, length_after_convolutions, load_audio, log_mel_spectrogram, pad_or_trim
+from .audio import (
+    CHUNK_SAMPLES,
+    HOP_LENGTH,
+    length_after_convolutions,
+    load_audio,
+    log_mel_spectrogram,
+    pad_or_trim,
+)
 
 ENDOFTEXT = "<|endoftext|>"
 IMSTART = "<|im_start|>"
