@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import transformers  # noqa: E402
-from tokenizer_cases import REFERENCE_FILE, REFERENCE_RELEASES, TOKENIZER_FIXTURES, exercise  # noqa: E402
+from tokenizer_cases import REFERENCE_FILE, REFERENCE_RELEASES, exercise  # noqa: E402
 
 from qwen_ckpt_compat.testing import TINY_FAMILIES  # noqa: E402
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=REFERENCE_FILE)
     args = parser.parse_args()
     release = transformers.__version__
-    fixtures = [name for name in TOKENIZER_FIXTURES if REFERENCE_RELEASES[name] == release]
+    fixtures = [name for name in REFERENCE_RELEASES if REFERENCE_RELEASES[name] == release]
     if not fixtures:
         sys.exit(f"transformers {release} is the reference release of no fixture: {REFERENCE_RELEASES}")
     document = json.loads(args.output.read_text(encoding="utf-8")) if args.output.is_file() else {}

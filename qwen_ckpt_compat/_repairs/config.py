@@ -4,6 +4,9 @@
   ChatGLM2/3 reads ``config.max_length`` while the model is built. They are answered, where the config has no
   such attribute, by a ``__getattr__`` on the remote config class, never stored on the instance, so that 5.x's
   checks for generation parameters in a model config (``save_pretrained``, ``generate``) do not see them.
+* ``_attn_implementation``, which ``PretrainedConfig`` has carried since 4.36 and 2024 remote code reads while the
+  model is built (GLM-4-9B picks its attention class with it): on 4.31-4.35 it is answered with ``"eager"``, what
+  4.36 gives a config built without one, the same way (docs/facts/glm4.md).
 * ``use_cache`` given to ``PretrainedConfig.__init__`` (from ``config.json``): 5.x drops it as a generation
   parameter, so a config class that does not set it itself (ChatGLM2/3's) has none; it is kept, as before 5.0.
 * ``rope_scaling`` stored by a remote config (``null`` in ``config.json``): 5.x standardises it into a dict, so
@@ -19,7 +22,7 @@ from typing import Any, Callable, Optional
 from .._patches import registry
 from ._classes import INSTALLED_MARK, REPAIRS, code_names, is_transformers_class
 
-__all__ = ["PRE_5_CONFIG_DEFAULTS", "restore_config_attributes", "restore_rope_scaling"]
+__all__ = ["LATER_CONFIG_DEFAULTS", "PRE_5_CONFIG_DEFAULTS", "restore_config_attributes", "restore_rope_scaling"]
 
 
 #: What ``PretrainedConfig.__init__`` gave every config before 5.0 (transformers 4.55.4's generation defaults),
@@ -54,6 +57,10 @@ PRE_5_CONFIG_DEFAULTS: dict[str, Any] = {
     "use_cache": True,
 }
 
+#: What ``PretrainedConfig`` carries from a later release on, which remote code written for that release reads:
+#: served, as :data:`PRE_5_CONFIG_DEFAULTS`, where the installed ``PretrainedConfig`` lacks it (4.31-4.35).
+LATER_CONFIG_DEFAULTS: dict[str, Any] = {"_attn_implementation": "eager"}
+
 _KEPT_FROM_INIT = ("use_cache",)
 
 _MISSING = object()
@@ -63,7 +70,8 @@ def _dropped_config_defaults() -> dict:
     from transformers import PretrainedConfig
 
     fresh = PretrainedConfig()
-    return {name: value for name, value in PRE_5_CONFIG_DEFAULTS.items() if not hasattr(fresh, name)}
+    defaults = {**PRE_5_CONFIG_DEFAULTS, **LATER_CONFIG_DEFAULTS}
+    return {name: value for name, value in defaults.items() if not hasattr(fresh, name)}
 
 def _is_remote_config_class(cls: type) -> bool:
     from transformers import PretrainedConfig

@@ -18,7 +18,7 @@ from .._family_registry import register
 __all__ = ["MODULES"]
 
 #: The family modules, most specific first.
-MODULES = ("qwen_vl", "qwen", "chatglm", "baichuan", "internlm")
+MODULES = ("qwen_audio", "qwen_vl", "qwen", "glm4", "chatglm", "baichuan", "internlm")
 
 for _name in MODULES:
     register(importlib.import_module(f"{__name__}.{_name}").FAMILY)

@@ -3,7 +3,8 @@
 Qwen v1 below; ChatGLM2/3 (:func:`write_tiny_chatglm`; its revision 37fe000, which overrides the enable call:
 :func:`write_tiny_chatglm_37fe000`), Baichuan2 (:func:`write_tiny_baichuan`, 13B and 7B
 layouts), InternLM v1
-(:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), and a model already on transformers' new
+(:func:`write_tiny_internlm`), Qwen-VL (:func:`write_tiny_qwen_vl`), GLM-4-9B (:func:`write_tiny_glm4`), Qwen-Audio
+(:func:`write_tiny_qwen_audio`), and a model already on transformers' new
 checkpointing API (:func:`write_tiny_new_api_model`); and four patterns of 2023 remote code, each in a small
 model of its own (:func:`write_pattern_model`, :data:`PATTERNS`); :data:`TINY_FAMILIES` lists them with what tests need to
 know about each. Every one is written from the documented interface of the real remote code (see each file's
@@ -48,9 +49,11 @@ __all__ = [
     "CheckpointWatch",
     "load_tiny_baichuan",
     "load_tiny_chatglm",
+    "load_tiny_glm4",
     "load_tiny_internlm",
     "load_tiny_new_api_model",
     "load_tiny_qwen",
+    "load_tiny_qwen_audio",
     "load_tiny_qwen_vl",
     "load_pattern_model",
     "qwen_vl_image_span",
@@ -58,9 +61,11 @@ __all__ = [
     "write_tiny_baichuan_7b",
     "write_tiny_chatglm",
     "write_tiny_chatglm_37fe000",
+    "write_tiny_glm4",
     "write_tiny_internlm",
     "write_tiny_new_api_model",
     "write_tiny_qwen",
+    "write_tiny_qwen_audio",
     "write_tiny_qwen_vl",
     "write_pattern_model",
     "watch_checkpointing",
@@ -71,10 +76,12 @@ TARGET_MODULES: Tuple[str, ...] = family_named("qwen").lora_targets
 
 from ._baichuan import load_tiny_baichuan, write_tiny_baichuan, write_tiny_baichuan_7b  # noqa: E402
 from ._chatglm import load_tiny_chatglm, write_tiny_chatglm, write_tiny_chatglm_37fe000  # noqa: E402
+from ._glm4 import load_tiny_glm4, write_tiny_glm4  # noqa: E402
 from ._internlm import load_tiny_internlm, write_tiny_internlm  # noqa: E402
 from ._new_api import load_tiny_new_api_model, write_tiny_new_api_model  # noqa: E402
 from ._patterns import PATTERNS, load_pattern_model, write_pattern_model  # noqa: E402
 from ._qwen import REMOTE_CODE_DIR, REMOTE_CODE_FILES, load_tiny_qwen, write_tiny_qwen  # noqa: E402
+from ._qwen_audio import load_tiny_qwen_audio, write_tiny_qwen_audio  # noqa: E402
 from ._qwen_vl import load_tiny_qwen_vl, qwen_vl_image_span, write_tiny_qwen_vl  # noqa: E402
 
 
@@ -118,7 +125,7 @@ class TinyFamily:
 
 
 def _families() -> Dict[str, TinyFamily]:
-    from . import _baichuan, _chatglm, _internlm, _qwen, _qwen_vl
+    from . import _baichuan, _chatglm, _glm4, _internlm, _qwen, _qwen_audio, _qwen_vl
 
     fixtures = (
         TinyFamily("qwen", write_tiny_qwen, load_tiny_qwen, "QWenBlock", "transformer.ln_f", chat=_qwen.qwen_chat),
@@ -145,6 +152,14 @@ def _families() -> Dict[str, TinyFamily]:
         TinyFamily(
             "qwen_vl", write_tiny_qwen_vl, load_tiny_qwen_vl, "QWenBlock", "transformer.ln_f",
             vocab_size=300, packages=_qwen_vl.VISION_PACKAGES, chat=_qwen_vl.qwen_vl_chat,
+        ),
+        TinyFamily(
+            "glm4", write_tiny_glm4, load_tiny_glm4, "GLMBlock", "transformer.encoder.final_layernorm",
+            vocab_size=384, packages=_glm4.PACKAGES, chat=_glm4.glm4_chat,
+        ),
+        TinyFamily(
+            "qwen_audio", write_tiny_qwen_audio, load_tiny_qwen_audio, "QWenBlock", "transformer.ln_f",
+            vocab_size=320, chat=_qwen_audio.qwen_audio_chat,
         ),
     )
     by_name = {fixture.name: fixture for fixture in fixtures}
