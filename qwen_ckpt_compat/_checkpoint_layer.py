@@ -94,7 +94,7 @@ def checkpointed_block_call(wrapped: Callable, instance: torch.nn.Module, args: 
             state.checkpoint_forward = False
     # Keyword arguments are bound here: the reentrant variant of torch's checkpoint takes positional tensors
     # only, and gradients flow through those (the hidden states come first).
-    return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+    return getattr(instance, FUNC)(_bound(wrapped, kwargs), *_inputs_for(instance, state, args))
 
 
 def _checkpoints(instance: torch.nn.Module, state: Any, training: bool, args: tuple, kwargs: dict) -> bool:
@@ -104,6 +104,23 @@ def _checkpoints(instance: torch.nn.Module, state: Any, training: bool, args: tu
     if not (getattr(instance, FLAG, False) and training) or (state is not None and state.engine_checkpoints):
         return False
     return _gradient_can_flow(instance, args, kwargs)  # else nothing is saved for backward: nothing to recompute
+
+
+def _inputs_for(block: torch.nn.Module, state: Any, args: tuple) -> tuple:
+    """``args``, with the first floating-point tensor made to require a gradient where reentrant checkpointing
+    needs one for the block's own trainable parameters.
+
+    torch's reentrant checkpoint gives gradients only through inputs that require one: a block with trainable
+    parameters (LoRA inside a vision or audio encoder) whose inputs need none (the first block of a frozen-stemmed
+    encoder) would run once, without its graph, and its parameters would get no gradient. The input is detached
+    first: nothing upstream of it needs a gradient. Non-reentrant checkpointing needs none of this.
+    """
+    if state is None or not state.reentrant or any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return args
+    for index, value in enumerate(args):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return (*args[:index], value.detach().requires_grad_(True), *args[index + 1 :])
+    return args
 
 
 def _bound(function: Callable, kwargs: dict) -> Callable:
@@ -135,7 +152,7 @@ def checkpointed_block_forward(wrapped: Callable, instance: torch.nn.Module, arg
     state = existing_state(instance)
     if state is not None and state.checkpoint_forward:
         state.checkpoint_forward = False
-        return getattr(instance, FUNC)(_bound(wrapped, kwargs), *args)
+        return getattr(instance, FUNC)(_bound(wrapped, kwargs), *_inputs_for(instance, state, args))
     if _COMPILED_IN_FORWARD and compiling():
         training = instance.training and torch.is_grad_enabled()
         if _checkpoints(instance, state, training, args, kwargs):
@@ -246,6 +263,7 @@ def route_blocks(blocks: list[torch.nn.Module], settings: CheckpointSettings) ->
             state.saved = {name: block.__dict__[name] for name in (FLAG, FUNC) if name in block.__dict__}
         block.__dict__[FUNC] = settings.function
         block.__dict__[FLAG] = index % every == 0
+        state.reentrant = settings.use_reentrant is not False
 
 
 def unroute(model: torch.nn.Module, owners: list[torch.nn.Module], blocks: list[torch.nn.Module]) -> None:

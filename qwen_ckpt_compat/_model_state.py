@@ -34,6 +34,7 @@ class State:
         before_blocks (`Callable`, *optional*): on the first block: called before each training forward.
         engine_checkpoints (`bool`): on a block: an engine's own activation checkpointing wraps it.
         checkpoint_forward (`bool`): on a block, during one call: checkpoint ``forward`` inside the engine's hooks.
+        reentrant (`bool`): on a routed block: its settings ask for torch's reentrant checkpoint.
         fused_attention (`str`, *optional*): on an attention module: when the fused causal kernel may run
             (``"training"``: training calls only, no KV cache; ``"always"``: every call whose mask is purely causal).
         chunked_loss (`Any`): on an LM-head model: the chunked loss's settings (the speed wing's), or ``None``.
@@ -49,6 +50,7 @@ class State:
     before_blocks: Optional[Callable[..., None]] = None
     engine_checkpoints: bool = False
     checkpoint_forward: bool = False
+    reentrant: bool = False
     fused_attention: Optional[str] = None
     chunked_loss: Any = None
     warned: set = field(default_factory=set)

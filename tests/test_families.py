@@ -279,8 +279,11 @@ def test_internlm_nan_is_gone_even_from_nan_filled_memory(tmp_path, monkeypatch)
 @pytest.mark.behaviour("grads_equal")
 @pytest.mark.parametrize("family_model", ["qwen_vl"], indirect=True)
 @pytest.mark.parametrize("train_vision", [False, True])
-def test_qwen_vl_image_text_batches_checkpoint_what_holds_activations(family_model, train_vision):
-    """Language blocks are recomputed; vision blocks only when a gradient flows through them (trained tower)."""
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_qwen_vl_image_text_batches_checkpoint_what_holds_activations(family_model, train_vision, use_reentrant):
+    """Language blocks are recomputed; vision blocks only when a gradient flows through them (trained tower), in
+    either mode: in reentrant mode the tower's first block gets an input that requires a gradient (its patch
+    embedding is frozen), or its LoRA weights would get none."""
     from qwen_ckpt_compat.testing._qwen_vl import VISION_TARGET_MODULES
 
     family, model, batch = family_model
@@ -290,7 +293,7 @@ def test_qwen_vl_image_text_batches_checkpoint_what_holds_activations(family_mod
     assert any(".visual." in n for n in trainable) is train_vision
     prepare_for_lora(peft_model, use_gradient_checkpointing=False)
     reference = step_grads(peft_model, batch)
-    prepare_for_lora(peft_model)
+    prepare_for_lora(peft_model, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     with count_calls(model, "QWenBlock") as text, count_calls(model, "VisualAttentionBlock") as vision:
         grads = step_grads(peft_model, batch)
     assert set(text.values()) == {2}

@@ -71,22 +71,7 @@ def test_frozen_audio_encoder_runs_once_and_the_text_blocks_are_recomputed(audio
     assert grads and all(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
-@pytest.mark.parametrize(
-    "use_reentrant",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "found here, not fixed: in reentrant mode the encoder's blocks run once (their input, the mel "
-                    "features, needs no gradient); docs/facts/qwen-audio.md"
-                ),
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("use_reentrant", [False, True])
 def test_trained_audio_encoder_is_recomputed_with_grads_equal_to_no_checkpointing(audio_model, use_reentrant):
     family, model, batch = audio_model
     prepare_for_lora(model, use_gradient_checkpointing=False)
