@@ -110,13 +110,15 @@ def _prepare_class(cls: type) -> list:
         return []
     old_api = _class_patch.patch_class(cls) is not None
     module = sys.modules.get(cls.__module__)
-    if not (old_api or is_qwen_style_module(getattr(module, "__file__", None))):
+    family = family_of(cls)
+    # A registered family's class gets its repairs whatever its checkpointing API (GLM-4-9B's latest revision
+    # leaves checkpointing to transformers, but its construction still needs ChatGLM's repairs on 5.x).
+    if not (old_api or family is not None or is_qwen_style_module(getattr(module, "__file__", None))):
         return []
     installed = restore_removed_apis(cls)
     installed += record_construction(cls)
     installed += repair_after_loading(cls, prepare_loaded_model)
     installed += wrap_chat_stream(cls)
-    family = family_of(cls)
     if family is not None and family.prepare_class is not None:
         installed += family.prepare_class(cls)
     return installed
