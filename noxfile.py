@@ -58,8 +58,9 @@ TORCH = "2.13.0"  # one torch for every row (never unpinned: that pulls a multi-
 
 # Installed beside transformers in every row (pinned by the row's constraints file).
 # sentencepiece: the tiny ChatGLM2/3, Baichuan2 and InternLM tokenizers load a SentencePiece model, as the real
-# ones do (tests/test_tokenizers.py); not in the constraints files, so one version (the newest) on every row.
-COMPANIONS = ("peft", "accelerate", "transformers_stream_generator", "safetensors", "sentencepiece")
+# ones do (tests/test_tokenizers.py); tiktoken: the tiny GLM-4 tokenizer reads a tiktoken ranks file, as the real
+# one does (tests/test_glm4.py). Neither is in the constraints files: one version (the newest) on every row.
+COMPANIONS = ("peft", "accelerate", "transformers_stream_generator", "safetensors", "sentencepiece", "tiktoken")
 # Printed at the top of every session.
 SHOWN = (
     "torch",
