@@ -42,7 +42,7 @@ CONVERSATIONS = [
 
 
 def chatml(tokenizer, model, query: str, answer: str) -> Tuple[List[int], List[int]]:
-    """Qwen v1 and Qwen-VL: ChatML with a system prompt; the answer ends with ``<|im_end|>``."""
+    """Qwen v1, Qwen-VL and Qwen-Audio: ChatML with a system prompt; the answer ends with ``<|im_end|>``."""
     start, end, newline = [tokenizer.im_start_id], [tokenizer.im_end_id], tokenizer.encode("\n")
     prompt = start + tokenizer.encode("system\nYou are a helpful assistant.") + end + newline
     prompt += start + tokenizer.encode(f"user\n{query}") + end + newline + start + tokenizer.encode("assistant\n")
@@ -50,7 +50,8 @@ def chatml(tokenizer, model, query: str, answer: str) -> Tuple[List[int], List[i
 
 
 def chatglm3(tokenizer, model, query: str, answer: str) -> Tuple[List[int], List[int]]:
-    """ChatGLM3: its tokenizer's ``build_chat_input`` (``[gMASK]sop<|user|>...<|assistant|>``); the answer then EOS."""
+    """ChatGLM3 and GLM-4: the tokenizer's ``build_chat_input`` (``[gMASK]sop<|user|>...<|assistant|>``); the
+    answer then EOS."""
     prompt = tokenizer.build_chat_input(query)["input_ids"][0].tolist()
     return prompt, tokenizer.encode(f"\n{answer}", add_special_tokens=False) + [tokenizer.eos_token_id]
 
@@ -69,7 +70,8 @@ def internlm(tokenizer, model, query: str, answer: str) -> Tuple[List[int], List
 
 
 CHAT_FORMATS: Dict[str, Callable] = {
-    "qwen": chatml, "qwen_vl": chatml, "chatglm": chatglm3, "baichuan": baichuan2, "internlm": internlm,
+    "qwen": chatml, "qwen_vl": chatml, "qwen_audio": chatml, "chatglm": chatglm3, "glm4": chatglm3,
+    "baichuan": baichuan2, "internlm": internlm,
 }  # fmt: skip
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 
 #: Run once per family (``--family``), each its own test: Qwen-VL's runs where its vision packages are installed.
 FAMILY_EXAMPLE = "finetune_families.py"
-FAMILIES = ("qwen", "qwen_vl", "chatglm", "baichuan", "internlm")
+FAMILIES = ("qwen", "qwen_vl", "qwen_audio", "chatglm", "glm4", "baichuan", "internlm")
 
 
 def test_the_expected_examples_are_there():
