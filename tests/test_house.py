@@ -227,7 +227,10 @@ def test_every_family_owns_its_facts_and_every_fixture_belongs_to_one():
     [
         ({"model_type": "qwen"}, "qwen"),
         ({"model_type": "qwen", "visual": {"layers": 2}}, "qwen_vl"),
+        ({"model_type": "qwen", "audio": {"n_layer": 2}}, "qwen_audio"),
         ({"model_type": "chatglm"}, "chatglm"),
+        ({"model_type": "chatglm", "padded_vocab_size": 65024}, "chatglm"),
+        ({"model_type": "chatglm", "padded_vocab_size": 151552}, "glm4"),
         ({"model_type": "llama"}, None),
     ],
 )
