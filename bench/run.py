@@ -292,6 +292,10 @@ def enable_transformers_checkpointing(model: Any, kwargs: Optional[dict]) -> Non
     enable(**({key: kwargs} if key and kwargs is not None else {}))
 
 
+#: Whether each mode runs one more step to name its attention kernels (``--no-kernel-names``: not, at long lengths).
+NAME_KERNELS = True
+
+
 class _NotRunnable(Exception):
     pass
 
@@ -330,6 +334,8 @@ def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, resul
     result.peak_bytes = _peak(device)
     # The kernels are named in one more step, after the peak was read: no measured step runs under an extra
     # dispatch mode.
+    if not NAME_KERNELS:
+        return
     with _AttentionKernels() as kernels:
         step()
     result.attention_kernels = sorted(kernels.names)
@@ -583,9 +589,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--longest-range", type=int, nargs=3, default=(32768, 4096, 262144), metavar=("START", "STEP", "LIMIT"),
                         help="first length, granularity and upper limit of the search")
     parser.add_argument("--longest-timed-at", type=int, help="also time each setup at this length (2 steps)")
+    parser.add_argument("--no-kernel-names", action="store_true", help="no extra step per mode naming the attention kernels")
     parser.add_argument("--transformers-own-check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--transformers-own-measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global NAME_KERNELS
+    NAME_KERNELS = not args.no_kernel_names
     began = time.monotonic()
     shapes = TINY if args.tiny else FULL
     if args.seq:
