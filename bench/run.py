@@ -149,11 +149,12 @@ def variant(name: Optional[str]):
         setattr(module, attribute, before)
 
 
-def chunked_loss_kernel() -> str:
-    """Which chunked loss runs on this device: Liger-Kernel's where it is installed and usable, else the library's."""
+def chunked_loss_kernel(device: torch.device) -> str:
+    """Which chunked loss runs on ``device``: Liger-Kernel's on CUDA where it is installed and usable, else the
+    library's."""
     from qwen_ckpt_compat.speed import loss
 
-    return "liger-kernel" if torch.cuda.is_available() and loss._liger_loss() is not None else "qwen-ckpt-compat"
+    return "liger-kernel" if device.type == "cuda" and loss._liger_loss() is not None else "qwen-ckpt-compat"
 
 
 @dataclass
@@ -361,7 +362,7 @@ def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.dev
             model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
         with variant(mode.variant):
             if (mode.prepare or {}).get("chunked_loss"):
-                result.loss_kernel = chunked_loss_kernel()
+                result.loss_kernel = chunked_loss_kernel(device)
             measure(model, batch, shapes, device, result)
         plan = memory_plan(model) if mode.kind == "qwen" else None
         if plan is not None:

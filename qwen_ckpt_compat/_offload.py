@@ -50,7 +50,17 @@ class Offloaded:
         previous (`weakref.ref`, *optional*): the tensor saved just before it on the same device.
     """
 
-    __slots__ = ("__weakref__", "copied", "device", "fetched", "fetched_event", "host", "previous", "source", "version")
+    __slots__ = (
+        "__weakref__",
+        "copied",
+        "device",
+        "fetched",
+        "fetched_event",
+        "host",
+        "previous",
+        "source",
+        "version",
+    )
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.device = tensor.device

@@ -53,7 +53,9 @@ def test_unpacking_one_tensor_fetches_the_one_saved_before_it(monkeypatch):
     assert fetched == [saved[2], saved[1]], "taking the last one started fetching the one before it"
     assert torch.equal(hooks._unpack(saved[1]), torch.full((2,), 1.0))
     assert fetched[2:] == [saved[0]], "the prefetched one was not fetched again"
-    assert torch.equal(hooks._unpack(saved[1]), torch.full((2,), 1.0)), "unpacked twice (retain_graph): same values"
+    assert torch.equal(hooks._unpack(saved[1]), torch.full((2,), 1.0)), (
+        "unpacked twice (retain_graph): same values"
+    )
 
 
 def test_a_saved_tensor_written_in_place_afterwards_is_an_error():
