@@ -589,7 +589,9 @@ def package(session: nox.Session) -> None:
 # the interpreter QCC_GPU_SYSTEM_PYTHON names, when it is a path), with this checkout first on sys.path. Without it,
 # `nox -s gpu` makes a venv as the newest row does, with matplotlib, and torch as the index has it (PyPI's CUDA
 # build where no --find-links folder holds torch).
-GPU_TESTS = ("tests/test_selective_cuda.py", "tests/test_bench.py")
+GPU_TESTS = (
+    "tests/test_selective_cuda.py", "tests/test_offload_cuda.py", "tests/test_bf16_cuda.py", "tests/test_bench.py"
+)
 GPU_SYSTEM_PYTHON = os.environ.get("QCC_GPU_SYSTEM_PYTHON", "").strip()
 GPU_SYSTEM = GPU_SYSTEM_PYTHON not in ("", "0")
 

@@ -79,6 +79,7 @@ class Mode:
     kind: str  # "qwen" or "native" (transformers' own path is measured apart: transformers_own_measure)
     prepare: Optional[dict] = None  # prepare_for_lora options; None: the library is not used
     description: str = ""
+    variant: Optional[str] = None  # an earlier implementation, for A/B in one run (see VARIANTS)
 
 
 def modes(budget: str) -> list:
@@ -104,8 +105,56 @@ def modes(budget: str) -> list:
         Mode("default+chunked+offload", "qwen", {"chunked_loss": True, "offload": True},
              "the default, chunked loss, block inputs offloaded to pinned host memory"),
     ]
+    result += [
+        # A/B against what the library did before, in the same run (the H200's absolute times drift between machines)
+        Mode("default+padding_mask", "qwen", {}, "the default, the all-zero padding mask passed on (before 2026-12-04)",
+             variant="padding_mask"),
+        Mode("default+chunked+own_loss", "qwen", {"chunked_loss": True}, "the default, the library's own chunked loss "
+             "(Liger-Kernel not used even where installed)", variant="own_loss"),
+        Mode("default+chunked+offload+save_on_cpu", "qwen", {"chunked_loss": True, "offload": True},
+             "the default, chunked loss, offload through torch's save_on_cpu (before 2026-12-04)", variant="save_on_cpu"),
+    ]
     result.append(Mode("native_qwen2", "native", description="native Qwen2, same shapes, transformers' own non-reentrant checkpointing"))
     return result
+
+
+#: Earlier implementations a mode can ask for (``Mode.variant``), each undone after the mode.
+VARIANTS = ("padding_mask", "own_loss", "save_on_cpu")
+
+
+@contextlib.contextmanager
+def variant(name: Optional[str]):
+    """Runs a mode with one earlier implementation in place: ``padding_mask`` passes an all-zero padding mask on to
+    the remote attention (which then builds its (q x q) additive mask); ``own_loss`` hides Liger-Kernel from the
+    chunked loss; ``save_on_cpu`` offloads through torch's ``save_on_cpu`` (synchronous copies on the compute
+    stream) instead of the side-stream hooks."""
+    if name is None:
+        yield
+        return
+    from qwen_ckpt_compat import _settings
+    from qwen_ckpt_compat.speed import attention, loss
+
+    patches = {
+        "padding_mask": (attention, "_replaced", lambda forward, args, kwargs, name, value: (args, kwargs)),
+        "own_loss": (loss, "_liger_loss", lambda: None),
+        "save_on_cpu": (_settings, "_offload_context",
+                        lambda: torch.autograd.graph.save_on_cpu(**_settings._save_on_cpu_options())),
+    }
+    module, attribute, replacement = patches[name]
+    before = getattr(module, attribute)
+    setattr(module, attribute, replacement)
+    try:
+        yield
+    finally:
+        setattr(module, attribute, before)
+
+
+def chunked_loss_kernel(device: torch.device) -> str:
+    """Which chunked loss runs on ``device``: Liger-Kernel's on CUDA where it is installed and usable, else the
+    library's."""
+    from qwen_ckpt_compat.speed import loss
+
+    return "liger-kernel" if device.type == "cuda" and loss._liger_loss() is not None else "qwen-ckpt-compat"
 
 
 @dataclass
@@ -123,6 +172,7 @@ class Result:
     plan: Optional[dict] = None
     leftover_bytes: Optional[int] = None
     wall_s: Optional[float] = None
+    loss_kernel: Optional[str] = None  # the chunked loss's implementation, where the mode chunks it
 
 
 # ------------------------------------------------------------------------------------------- devices
@@ -243,6 +293,10 @@ def enable_transformers_checkpointing(model: Any, kwargs: Optional[dict]) -> Non
     enable(**({key: kwargs} if key and kwargs is not None else {}))
 
 
+#: Whether each mode runs one more step to name its attention kernels (``--no-kernel-names``: not, at long lengths).
+NAME_KERNELS = True
+
+
 class _NotRunnable(Exception):
     pass
 
@@ -281,6 +335,8 @@ def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, resul
     result.peak_bytes = _peak(device)
     # The kernels are named in one more step, after the peak was read: no measured step runs under an extra
     # dispatch mode.
+    if not NAME_KERNELS:
+        return
     with _AttentionKernels() as kernels:
         step()
     result.attention_kernels = sorted(kernels.names)
@@ -304,7 +360,10 @@ def run_mode(mode: Mode, seq: int, shapes: Shapes, code: Path, device: torch.dev
             if mode.prepare is not None:
                 prepare_for_lora(model, **mode.prepare)
             model = add_lora(model, QWEN_TARGETS, shapes.lora_r)
-        measure(model, batch, shapes, device, result)
+        with variant(mode.variant):
+            if (mode.prepare or {}).get("chunked_loss"):
+                result.loss_kernel = chunked_loss_kernel(device)
+            measure(model, batch, shapes, device, result)
         plan = memory_plan(model) if mode.kind == "qwen" else None
         if plan is not None:
             result.plan = _plan_dict(plan)
@@ -531,9 +590,12 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--longest-range", type=int, nargs=3, default=(32768, 4096, 262144), metavar=("START", "STEP", "LIMIT"),
                         help="first length, granularity and upper limit of the search")
     parser.add_argument("--longest-timed-at", type=int, help="also time each setup at this length (2 steps)")
+    parser.add_argument("--no-kernel-names", action="store_true", help="no extra step per mode naming the attention kernels")
     parser.add_argument("--transformers-own-check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--transformers-own-measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    global NAME_KERNELS
+    NAME_KERNELS = not args.no_kernel_names
     began = time.monotonic()
     shapes = TINY if args.tiny else FULL
     if args.seq:

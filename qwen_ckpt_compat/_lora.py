@@ -85,8 +85,9 @@ def prepare_for_lora(
             recomputation for more memory. Honoured for old remote-code models on every release, and for
             native models where transformers supports it (5.16+); a warning says when it cannot be.
         offload (`bool`, *optional*, defaults to `False`):
-            Keep the block inputs saved for the recompute in (pinned) host memory instead of on the accelerator.
-            Same support as ``every_n_layers``.
+            Keep the block inputs saved for the recompute in (pinned) host memory instead of on the accelerator;
+            on CUDA the copies run on a side stream, overlapped with compute, each input fetched one block ahead of
+            its recompute. Same support as ``every_n_layers``.
         memory_budget (`int` or `str`, *optional*):
             A peak-memory budget on the accelerator, in bytes or as a string (``"70GiB"``, ``"80GB"``). Which
             decoder blocks are checkpointed (and whether their inputs are offloaded) is then planned from the first

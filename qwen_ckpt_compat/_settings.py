@@ -21,6 +21,7 @@ import torch.utils.checkpoint  # torch 2.0's `import torch` does not import it
 
 from ._hooks import engine_hooks, speed_hooks
 from ._model_state import state_of
+from ._offload import AsyncOffload
 from ._versions import (
     SAVE_ON_CPU_DEVICE_TYPE_RELEASE,
     checkpoint_keywords,
@@ -192,9 +193,17 @@ def _save_on_cpu_options() -> dict:
     return {"pin_memory": False}
 
 
-def _checkpoint_offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def _offload_context() -> Any:
+    """Where a checkpointed block's saved inputs wait: on CUDA, pinned host memory with the copies on a side stream
+    (:class:`~qwen_ckpt_compat._offload.AsyncOffload`); elsewhere torch's ``save_on_cpu``."""
     # Looked up at call time, so that tests (and users) can observe or replace them.
-    with torch.autograd.graph.save_on_cpu(**_save_on_cpu_options()):
+    if _offload_device_type() == "cuda" and torch.cuda.is_available():
+        return AsyncOffload()
+    return torch.autograd.graph.save_on_cpu(**_save_on_cpu_options())
+
+
+def _checkpoint_offloaded(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    with _offload_context():
         return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
 

@@ -238,6 +238,46 @@ def test_attention_dropout_keeps_the_masked_path_by_default(tiny_qwen_dir):
     unpatch(model)
 
 
+def _padding_masks_seen(model, inputs) -> list:
+    """The ``attention_mask`` each attention forward of a training step received (None or its dtype)."""
+    seen: list = []
+    handles = [
+        module.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(getattr(kwargs.get("attention_mask"), "dtype", None)),
+            with_kwargs=True,
+        )
+        for module in attention.attention_modules(model)
+    ]
+    try:
+        _outputs_and_grads(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def test_a_padding_mask_that_masks_nothing_is_not_passed_to_a_fused_call(tiny_qwen_dir):
+    """An all-ones attention_mask (what a collator gives) reaches the remote attention as None in a fused call: the
+    remote code then builds no (q x q) additive mask. Outputs and gradients stay the masked path's (the test above);
+    a padded batch, the unfused path and an active attention dropout keep the mask."""
+    from helpers import load_qwen
+
+    model = lora(load_qwen(tiny_qwen_dir))
+    prepare_for_lora(model)
+    assert set(_padding_masks_seen(model, batch())) == {None}, "forward and recompute: no padding mask"
+    assert None not in _padding_masks_seen(model, _padded_batch()), "padding is passed on"
+    prepare_for_lora(model, fused_attention=False)
+    assert None not in _padding_masks_seen(model, batch())
+    unpatch(model)
+
+    dropping = load_qwen(tiny_qwen_dir, attn_dropout_prob=0.1)
+    prepare_for_lora(dropping)
+    assert None not in _padding_masks_seen(dropping, batch()), "the masked path keeps its own mask"
+    prepare_for_lora(dropping, fused_attention=True)
+    assert set(_padding_masks_seen(dropping, batch())) == {None}
+    unpatch(dropping)
+
+
 @pytest.mark.parametrize("fused_option, expected", [({}, True), ({"fused_attention": True}, True),
                                                     ({"fused_attention": False}, False)])
 def test_the_choice_is_visible(qwen, fused_option, expected):

@@ -19,6 +19,8 @@ QWEN_MODES = [
     for name in ("no_checkpointing", "reentrant", "non_reentrant", "every_2nd", "offload", "budget", "selective")
     for suffix in ("", "+fused")
 ] + ["default", "default+chunked", "default+chunked+offload"]
+# The same setups with an earlier implementation in place, for A/B in one run (bench/run.py's VARIANTS).
+QWEN_MODES += ["default+padding_mask", "default+chunked+own_loss", "default+chunked+offload+save_on_cpu"]
 
 pytestmark = pytest.mark.release_independent
 
@@ -59,6 +61,10 @@ def test_every_mode_runs(tiny_report):
     if any("for_cpu" in str(op) for op in attention_ops()):  # torch 2.0's CPU SDPA has no fused kernel to see
         for name in QWEN_MODES:
             assert rows[name]["status"] != "ok" or rows[name]["attention_kernels"], f"{name}: attention runs through SDPA"
+    for name in QWEN_MODES:
+        chunked = "chunked" in name
+        assert (rows[name]["loss_kernel"] is not None) is chunked, name
+        assert not chunked or rows[name]["loss_kernel"] == "qwen-ckpt-compat", "the CPU runs the library's own"
     for name in ("budget", "budget+fused"):
         assert rows[name]["plan"]["status"] == "unmeasurable", "no memory statistics on the CPU"
         assert rows[name]["plan"]["decisions"] == ["checkpoint"] * shapes["layers"]

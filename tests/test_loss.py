@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import types
 import warnings
@@ -309,6 +310,32 @@ def test_liger_kernel_is_asked_on_cuda_only(monkeypatch):
         calls.clear()
         chunked_cross_entropy(hidden.view(2, 3, 8), weight, labels.view(2, 3), 4)
         assert calls == [], "the CPU takes the chunked loss"
+    finally:
+        loss_module._liger_loss.cache_clear()
+
+
+def test_an_installed_liger_that_cannot_import_warns_and_falls_back(monkeypatch):
+    """Not installed: silence (an optional extra); installed but broken (its triton missing): a CompatWarning."""
+    real_import = importlib.import_module
+
+    def missing(module):
+        def fake(name, *args, **kwargs):
+            if name.startswith("liger_kernel"):
+                raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+            return real_import(name, *args, **kwargs)
+
+        return fake
+
+    loss_module._liger_loss.cache_clear()
+    try:
+        monkeypatch.setattr(importlib, "import_module", missing("liger_kernel"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompatWarning)
+            assert loss_module._liger_loss() is None
+        loss_module._liger_loss.cache_clear()
+        monkeypatch.setattr(importlib, "import_module", missing("triton"))
+        with pytest.warns(CompatWarning, match="Liger-Kernel is installed but cannot be used.*triton"):
+            assert loss_module._liger_loss() is None
     finally:
         loss_module._liger_loss.cache_clear()
 

@@ -14,6 +14,11 @@ With the kernel on, an attention call whose mask can only be the causal pattern 
 * the mask SDPA receives has the causal pattern. That is checked on its values the first time a mask of a given
   shape, dtype and device is seen (one comparison and one host sync), and trusted for the same shape afterwards.
 
+A padding mask that masks nothing is then not passed to the remote attention at all (where the call's SDPA is
+rewritten: no active attention dropout in the default mode): the remote code then builds only its boolean causal
+mask, not the ``(batch, 1, q, q)`` additive one (2 GiB in bf16 at 32,768 tokens, written in every block's forward
+and recompute), for a call that runs as ``is_causal`` either way.
+
 Every other call (a padded batch, generation with a cache, ``output_attentions``, the flash-attn package's own
 path) runs the remote code unchanged. ``prepare_for_lora`` turns the kernel on by default for *training* calls
 only (the module in training mode, keeping no KV cache) without attention dropout (another kernel draws other dropout
@@ -99,10 +104,32 @@ def fused_attention_call(wrapped: Callable, instance: torch.nn.Module, args: tup
         # Its mask checks read tensor data: under torch.compile that breaks the graph inside the checkpointed
         # block, and the compiled model then keeps every activation. The masked call is compiled as it is.
         return wrapped(*args, **kwargs)
-    if not _mask_can_only_be_causal(type(instance).forward, args, kwargs):
+    forward = type(instance).forward
+    if not _mask_can_only_be_causal(forward, args, kwargs):
         return wrapped(*args, **kwargs)
+    if mode == ALWAYS or not _drops_out(instance):
+        # The padding mask masks nothing: without it the remote code builds no (q x q) additive mask (at 32,768
+        # tokens 2 GiB in bf16, built in every block's forward and recompute) for a call that ends as `is_causal`.
+        args, kwargs = _replaced(forward, args, kwargs, "attention_mask", None)
     with _CausalAttention(allow_dropout=mode == ALWAYS):
         return wrapped(*args, **kwargs)
+
+
+def _drops_out(module: torch.nn.Module) -> bool:
+    """Whether a dropout layer of the attention module is active (then the default mode leaves its SDPA call as
+    it is, and its mask must stay the remote code's)."""
+    return any(isinstance(m, torch.nn.Dropout) and m.training and m.p > 0 for m in module.modules())
+
+
+def _replaced(forward: Callable, args: tuple, kwargs: dict, name: str, value: Any) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` with the argument ``name`` of ``forward`` set to ``value`` (where it was given)."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    names = _parameter_names(forward)
+    if name in names and names.index(name) < len(args):
+        index = names.index(name)
+        return args[:index] + (value,) + args[index + 1 :], kwargs
+    return args, kwargs
 
 
 def _training_call(instance: torch.nn.Module, args: tuple, kwargs: dict) -> bool:

@@ -39,6 +39,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -46,6 +47,7 @@ import torch.nn.functional as F
 
 from .._detection import own_class
 from .._model_state import existing_state, state_of
+from ..errors import CompatWarning
 
 __all__ = [
     "DEFAULT_CHUNK_TOKENS",
@@ -334,7 +336,12 @@ def _liger_loss() -> Optional[Callable[..., torch.Tensor]]:
     try:
         module = importlib.import_module("liger_kernel.transformers.fused_linear_cross_entropy")
         loss = module.LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="mean")
-    except Exception:  # not installed, or no triton for this torch: the chunked loss below
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "liger_kernel":
+            _warn_liger_unusable(error)  # installed, but something it imports is missing (triton)
+        return None  # not installed (an optional extra): the library's own chunked loss
+    except Exception as error:  # noqa: BLE001 - a broken install must not break training; it is reported
+        _warn_liger_unusable(error)
         return None
 
     def fused(weight: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -344,3 +351,12 @@ def _liger_loss() -> Optional[Callable[..., torch.Tensor]]:
         return getattr(result, "loss", result)
 
     return fused
+
+
+def _warn_liger_unusable(error: BaseException) -> None:
+    warnings.warn(
+        f"chunked_loss: Liger-Kernel is installed but cannot be used here ({type(error).__name__}: "
+        f"{(str(error).splitlines() or [''])[0][:200]}); the library's own chunked loss runs instead.",
+        CompatWarning,
+        stacklevel=4,
+    )
