@@ -43,15 +43,19 @@ VARIANTS = {
     "no-tsg": "without transformers_stream_generator",
     "vision": "with Pillow and requests: Qwen-VL's tests",
 }
-FAMILIES = {
-    "qwen": "Qwen v1",
-    "qwen_vl": "Qwen-VL",
-    "chatglm": "ChatGLM2/3",
-    "baichuan": "Baichuan2-13B",
-    "baichuan_7b": "Baichuan2-7B",
-    "internlm": "InternLM v1",
-    "new_api": "new API (left alone)",
-}
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fixture_columns() -> dict:
+    """The family table's columns: each tiny fixture's name (``qwen_ckpt_compat.testing.TINY_FAMILIES``, which the
+    family registry checks), the title of its family, and the new-API model the library leaves alone."""
+    sys.path.insert(0, str(ROOT))  # the checkout's package: importing it needs neither torch nor transformers
+    from qwen_ckpt_compat._family_registry import family_named
+    from qwen_ckpt_compat.testing import TINY_FAMILIES
+
+    columns = {name: family_named(fixture.family).title for name, fixture in TINY_FAMILIES.items()}
+    columns["new_api"] = "a model on transformers' new API, which the library leaves alone"
+    return columns
 
 
 @dataclass
@@ -249,14 +253,16 @@ def family_cell(cases: list[Case], notes: Notes) -> str:
 
 def family_table(rows: list, reports: Path, notes: Notes) -> list[str]:
     """Family x release: one line per matrix row, its reports and its variants' together."""
-    head = ["row", "transformers", *FAMILIES.values()]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    columns = fixture_columns()
+    legend = "; ".join(f"`{name}`: {title}" for name, title in columns.items())
+    head = ["row", "transformers", *(f"`{name}`" for name in columns)]
+    lines = [f"Fixtures: {legend}.", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row_id, pins, *_ in rows:
         files = [reports / f"{row_id}.xml", *sorted(reports.glob(f"{row_id}+*.xml"))]
         cases = [case for report in files if report.is_file() for case in read_cases(report)]
         if not cases:
             continue
-        cells = [family_cell([c for c in cases if c.family == family], notes) for family in FAMILIES]
+        cells = [family_cell([c for c in cases if c.family == family], notes) for family in columns]
         lines.append("| " + " | ".join([f"`{row_id}`", pins.get("transformers", "?"), *cells]) + " |")
     return lines
 
