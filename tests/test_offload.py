@@ -84,9 +84,11 @@ def test_without_cuda_offload_enters_torchs_save_on_cpu(monkeypatch):
 
 @pytest.mark.behaviour("offload")
 def test_a_model_trained_with_the_hooks_gets_the_same_lora_gradients(qwen, monkeypatch):
-    """The checkpoint layer's offload path with AsyncOffload in place (host copies of host tensors, here)."""
+    """The checkpoint layer's offload path with AsyncOffload in place (host copies of host tensors, here): the
+    same gradients, bit for bit, as the same checkpointing without offload (the same kernels: torch 2.1's fused
+    attention differs from its masked path in the last bits, so the reference is not an unprepared model)."""
     inputs = batch()
-    model = lora(qwen)
+    model = prepare_for_lora(lora(qwen), offload=False)
     reference = step_grads(model, inputs)
     entered: list = []
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 from typing import Mapping
 
-from .._family_registry import Family, FamilyFact
+from .._family_registry import Family
 
 #: The vocabulary of GLM-4-9B's tokenizer (151,329 ranks and its special tokens), which ChatGLM2/3's (65,024)
 #: never reach: what tells a GLM-4 ``config.json`` from theirs.
@@ -52,18 +52,6 @@ FAMILY = Family(
         "the library the blocks are checkpointed all the same, in the mode asked for.",
         "The latest code has no override and no old API: transformers enables it, and its own checkpoint call "
         "hard-codes `use_reentrant=False` (a requested `use_reentrant=True` is not honoured there).",
-    ),
-    doctor_facts=(
-        FamilyFact(
-            "glm4-enable-override",
-            lambda caps: True,
-            "GLM-4-9B's code of June 2024 overrides gradient_checkpointing_enable with a method that enables "
-            "nothing: through Trainer(gradient_checkpointing=True) or a plain call it trains without checkpointing",
-            "Fixed by `import qwen_ckpt_compat` before loading (the blocks are routed in the requested mode), or "
-            "update the remote code (its discussion 60 removed the override).",
-            False,
-            "import",
-        ),
     ),
     tokenizer=(
         "`ChatGLM4Tokenizer` (tiktoken, `tokenization_chatglm.py`; tokens are bytes), `build_chat_input` (role "
