@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from collections.abc import Mapping
 from dataclasses import replace
@@ -24,6 +25,8 @@ from ._detection import unwrap_model
 from ._hooks import speed_hooks
 from ._input_grads import has_live_input_grads_hook
 from ._preparation import patch
+from ._remote_code import hard_coded_use_reentrant
+from ._repairs._classes import is_transformers_class
 from ._settings import (
     DEFAULT_CHECKPOINT_KWARGS,
     CheckpointRequest,
@@ -180,6 +183,7 @@ def prepare_for_lora(
         native_request = _native_request(root, request, fused_attention, chunked_loss)
         if kept is None:
             _call_enable(root, native_request)
+            _warn_hard_coded_mode(root, (request.kwargs or {}).get("use_reentrant"))
         elif every_n_layers != 1 or offload:
             _warn_kept(root, kept, f"every_n_layers={every_n_layers}, offload={offload}")
         reentrant = _native_is_reentrant(request) if kept is None else reentrancy_of(kept) is not False
@@ -360,6 +364,27 @@ def _is_transformers_checkpoint(function: Any) -> bool:
     if module == "torch.utils.checkpoint":
         return getattr(function, "__name__", None) == "checkpoint"
     return module.split(".")[0] == "transformers"
+
+
+def _warn_hard_coded_mode(root: Any, use_reentrant: Any) -> None:
+    """Warns when remote code left to transformers writes another ``use_reentrant`` into its own checkpoint calls.
+
+    transformers flags such code's modules and hands them its checkpoint function, but code that calls torch's
+    ``checkpoint`` itself with a literal mode (GLM-4-9B's latest revision: ``use_reentrant=False``) never uses it.
+    """
+    if not isinstance(use_reentrant, bool) or is_transformers_class(type(root)):
+        return
+    module = sys.modules.get(type(root).__module__)
+    hard_coded = hard_coded_use_reentrant(getattr(module, "__file__", None)) if module is not None else frozenset()
+    if hard_coded and use_reentrant not in hard_coded:
+        warnings.warn(
+            f"{type(root).__qualname__} (from {type(root).__module__}) is left to transformers "
+            f"{capabilities().transformers} (it has neither the old `_set_gradient_checkpointing(module, "
+            f"value)` nor an enable method of its own), and its code calls torch's checkpoint itself with "
+            f"use_reentrant={sorted(hard_coded)[0]}: use_reentrant={use_reentrant} cannot be honoured.",
+            CompatWarning,
+            stacklevel=3,
+        )
 
 
 def _warn_kept(root: Any, function: Callable, options: str) -> None:

@@ -57,6 +57,29 @@ def parsing() -> Any:
     return _PARSING
 
 
+def hard_coded_use_reentrant(filename: Optional[str]) -> frozenset:
+    """The ``use_reentrant`` values the code of ``filename`` writes as constants into its own checkpoint calls.
+
+    Calls of a function named ``checkpoint`` (``torch.utils.checkpoint.checkpoint``, however it was imported) with
+    a literal ``use_reentrant=True``/``False``: code that checkpoints itself that way ignores the mode it is asked
+    for (GLM-4-9B's ``GLMTransformer`` writes ``use_reentrant=False``). Empty when the file cannot be read.
+    """
+    if not filename:
+        return frozenset()
+    try:
+        tree = parse(Path(filename).read_text(encoding="utf-8"), filename)
+    except (OSError, SyntaxError, UnicodeDecodeError, ValueError):
+        return frozenset()
+    values = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _dotted(node.func).rsplit(".", 1)[-1] == "checkpoint":
+            for keyword in node.keywords:
+                if keyword.arg == "use_reentrant" and isinstance(keyword.value, ast.Constant):
+                    if isinstance(keyword.value.value, bool):
+                        values.add(keyword.value.value)
+    return frozenset(values)
+
+
 def lazily_imported_packages(filename: Optional[str]) -> frozenset:
     """Top-level packages a ``.py`` file imports inside function bodies and nowhere at module level.
 

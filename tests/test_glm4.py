@@ -138,3 +138,18 @@ def test_glm4_tokenizer_fails_unmodified_from_4_45(glm4, tmp_path):
     if TRANSFORMERS >= V5:
         with pytest.raises(AttributeError, match="batch_encode_plus"):
             tokenizer.build_chat_input("hello")
+
+
+def test_glm4_latest_revision_warns_that_a_reentrant_request_cannot_be_honoured(glm4, tmp_path):
+    """Left to transformers, its own checkpoint call writes use_reentrant=False: asking for True warns, False not."""
+    from qwen_ckpt_compat import CompatWarning, prepare_for_lora
+
+    if TRANSFORMERS < Version("4.35.0"):
+        pytest.skip("transformers < 4.35 has no enable call for code without the old form (see the test above)")
+    model = load_family(glm4, fresh_dir(tmp_path, write_tiny_glm4_latest, "glm4_latest_modes"))
+    with pytest.warns(CompatWarning, match=r"use_reentrant=True cannot be honoured"):
+        prepare_for_lora(model, gradient_checkpointing_kwargs={"use_reentrant": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompatWarning)
+        prepare_for_lora(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+    unpatch(model)

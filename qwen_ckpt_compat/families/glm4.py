@@ -51,7 +51,7 @@ FAMILY = Family(
         "The code of June 2024 overrides `gradient_checkpointing_enable` with a method that enables nothing; with "
         "the library the blocks are checkpointed all the same, in the mode asked for.",
         "The latest code has no override and no old API: transformers enables it, and its own checkpoint call "
-        "hard-codes `use_reentrant=False` (a requested `use_reentrant=True` is not honoured there).",
+        "hard-codes `use_reentrant=False` (a requested `use_reentrant=True` is not honoured there: a warning says so).",
     ),
     tokenizer=(
         "`ChatGLM4Tokenizer` (tiktoken, `tokenization_chatglm.py`; tokens are bytes), `build_chat_input` (role "
