@@ -2,6 +2,7 @@
 """Peak memory and step time of every checkpointing mode, with Qwen-7B shapes, on one GPU, in one command.
 
     python bench/run.py --out $OUT              # one H200: about 6 minutes; writes $OUT/bench.json
+    python bench/run.py --suite --out $OUT      # the speed targets' measurements (docs/speed.md); repeat until complete
     python bench/run.py --tiny --out /tmp/b     # the same pipeline with tiny shapes on the CPU, in seconds
     python bench/report.py $OUT/bench.json      # docs/performance.md and docs/performance.png from it
 
@@ -15,7 +16,7 @@ The modes: no checkpointing; transformers' own path without this library (a sepa
 runnable, with the reason, where it fails); every library mode (reentrant, non-reentrant, every 2nd block,
 offload, the memory budget, selective recompute), each with and without the fused attention kernel; native
 Qwen2 of the same shapes with transformers' own checkpointing, as the peer. Results are written after every
-mode, so a run cut short still leaves them.
+mode, so a run cut short still leaves them, and ``--resume`` (implied by ``--suite``) carries on from them.
 """
 
 from __future__ import annotations
@@ -67,10 +68,38 @@ class Shapes:
     steps: int
     budget: str
     lora_r: int = 8
+    long_steps: Optional[tuple] = None  # (from this length on, warm-up steps, timed steps): fewer steps at long lengths
 
 
 FULL = Shapes(32, 4096, 32, 22016, 151936, (2048, 8192), "bfloat16", "cuda", 2, 6, "70GiB")
 TINY = Shapes(4, 64, 4, 256, 512, (32, 64), "float32", "cpu", 1, 2, "70GiB")
+
+
+@dataclass(frozen=True)
+class Suite:
+    """``--suite``: every measurement the speed targets need (docs/speed.md), in one command.
+
+    A device call may be cut short (the lent GPU machine stops a command at 600 s; the suite needs about 16
+    minutes on one H200), so the suite resumes: the same command, run again with the same ``--out``, keeps the
+    rows already measured and runs the rest, until it prints ``complete``.
+    """
+
+    seqs: tuple
+    modes: tuple
+    long_steps: tuple  # Shapes.long_steps
+    longest: tuple  # LONGEST setups, searched in this order: the first is the peer the others are timed against
+    longest_range: tuple  # (start, step, limit)
+
+
+SUITE = Suite(
+    seqs=(2048, 8192, 32768),
+    modes=("non_reentrant", "default", "default+chunked", "default+chunked+offload", "selective+fused", "native_qwen2"),
+    long_steps=(16384, 1, 3),
+    longest=("native_qwen2", "leanest", "default"),
+    longest_range=(32768, 8192, 131072),
+)
+TINY_SUITE = Suite(seqs=(32, 64, 128), modes=SUITE.modes, long_steps=(128, 1, 1), longest=SUITE.longest,
+                   longest_range=(32, 32, 128))
 
 
 @dataclass(frozen=True)
@@ -85,7 +114,7 @@ class Mode:
 def modes(budget: str) -> list:
     library = [
         ("reentrant", {"gradient_checkpointing_kwargs": {"use_reentrant": True}}, "every block, reentrant"),
-        ("non_reentrant", {}, "every block, non-reentrant (the library default)"),
+        ("non_reentrant", {}, "every block, non-reentrant (the default's checkpointing)"),
         ("every_2nd", {"every_n_layers": 2}, "every 2nd block, non-reentrant"),
         ("offload", {"offload": True}, "every block, inputs offloaded to pinned host memory"),
         ("budget", {"memory_budget": budget}, f"memory_budget={budget}, planned from the first step"),
@@ -97,7 +126,7 @@ def modes(budget: str) -> list:
              "no checkpointing, fused attention kernel"),
     ]
     for name, options, text in library:
-        result.append(Mode(name, "qwen", {**options, "fused_attention": False}, description=text))
+        result.append(Mode(name, "qwen", {**options, "fused_attention": False}, description=text + ", fused attention off"))
         result.append(Mode(f"{name}+fused", "qwen", {**options, "fused_attention": True}, text + ", fused attention"))
     result += [
         Mode("default", "qwen", {}, "prepare_for_lora(model): every block, non-reentrant, fused attention in training"),
@@ -173,6 +202,7 @@ class Result:
     leftover_bytes: Optional[int] = None
     wall_s: Optional[float] = None
     loss_kernel: Optional[str] = None  # the chunked loss's implementation, where the mode chunks it
+    call: Optional[int] = None  # which call measured it (1, 2, ...: a resumed run; meta["calls"])
 
 
 # ------------------------------------------------------------------------------------------- devices
@@ -310,7 +340,15 @@ def make_batch(shapes: Shapes, seq: int, device: torch.device) -> dict:
 # ------------------------------------------------------------------------------------------ one mode
 
 
+def steps_at(shapes: Shapes, seq: int) -> tuple:
+    """(warm-up steps, timed steps) at ``seq`` tokens, and whether a step names the attention kernels there."""
+    if shapes.long_steps is not None and seq >= shapes.long_steps[0]:
+        return shapes.long_steps[1], shapes.long_steps[2], False
+    return shapes.warmup, shapes.steps, NAME_KERNELS
+
+
 def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, result: Result) -> None:
+    warmup, timed, name_kernels = steps_at(shapes, result.seq)
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-4)
@@ -322,20 +360,20 @@ def measure(model: Any, batch: dict, shapes: Shapes, device: torch.device, resul
         optimizer.zero_grad(set_to_none=True)
         return round(float(loss.detach()), 4)
 
-    for index in range(shapes.warmup + shapes.steps):
+    for index in range(warmup + timed):
         _sync(device)
         start = time.perf_counter()
         loss = step()
         _sync(device)
         elapsed = time.perf_counter() - start
-        if index >= shapes.warmup:
+        if index >= warmup:
             result.step_times_s.append(round(elapsed, 5))
         result.losses.append(loss)
     result.step_s = statistics.median(result.step_times_s)
     result.peak_bytes = _peak(device)
     # The kernels are named in one more step, after the peak was read: no measured step runs under an extra
     # dispatch mode.
-    if not NAME_KERNELS:
+    if not name_kernels:
         return
     with _AttentionKernels() as kernels:
         step()
@@ -413,18 +451,21 @@ def _one_step(model: Any, batch: dict, optimizer: Any, device: torch.device) -> 
 
 
 def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device, start: int, step: int, limit: int,
-                    deadline: float, timed_at: Optional[int] = None) -> dict:
+                    deadline: float, timed_at: Optional[int] = None, time_longest: bool = False) -> dict:
     """The longest sequence (batch 1, a multiple of ``step``) that one setup trains within the device's memory.
 
     One model for every probe: from ``start``, the length doubles until a step fails (out of memory) or passes
     ``limit``, then the failing interval is halved down to ``step``. Each probe is one training step (the first
     length gets a warm-up step before); its peak and time are recorded. ``timed_at``: a length also timed with
-    two more steps (the longest length another setup reached), for the step-time comparison.
+    two more steps (the longest length another setup reached), for the step-time comparison; ``time_longest``:
+    the longest length found is timed so too. Timed probes say ``"timed": True``; ``"complete"`` is false where
+    the deadline cut the search short.
     """
     from qwen_ckpt_compat import prepare_for_lora
 
     kind, options = LONGEST[name]
-    found: dict = {"setup": name, "options": options, "probes": [], "longest": None, "status": "ok"}
+    found: dict = {"setup": name, "options": options, "probes": [], "longest": None, "status": "ok",
+                   "range": [start, step, limit], "complete": False}
     model = None
     try:
         _clean(device)
@@ -439,7 +480,7 @@ def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device,
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
-        def probe(seq: int, repeats: int = 1) -> bool:
+        def probe(seq: int, repeats: int = 1, timed: bool = False) -> bool:
             batch = make_batch(shapes, seq, device)
             torch.cuda.reset_peak_memory_stats(device) if device.type == "cuda" else None
             try:
@@ -451,19 +492,24 @@ def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device,
                 found["probes"].append({"seq": seq, "ok": False, "reason": _reason(error)})
                 return False
             found["probes"].append({"seq": seq, "ok": True, "peak_bytes": _peak(device), "step_s": round(min(times), 4),
-                                    "step_times_s": [round(t, 4) for t in times]})
+                                    "step_times_s": [round(t, 4) for t in times], "timed": timed})
             return True
 
+        def in_time() -> bool:
+            found["complete"] = found["complete"] and time.monotonic() < deadline
+            return found["complete"]
+
+        found["complete"] = True
         probe(start)  # warm-up: kernels, allocator
         good, bad = (start, None) if probe(start) else (None, start)
-        while good is not None and bad is None and good * 2 <= limit and time.monotonic() < deadline:
+        while good is not None and bad is None and good * 2 <= limit and in_time():
             bad_or_good = good * 2
             if probe(bad_or_good):
                 good = bad_or_good
             else:
                 bad = bad_or_good
         low, high = (good or step), (bad or limit + step)
-        while good is not None and high - low > step and time.monotonic() < deadline:
+        while good is not None and high - low > step and in_time():
             middle = (low + high) // 2 // step * step
             if middle in (low, high):
                 break
@@ -472,8 +518,9 @@ def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device,
             else:
                 high = middle
         found["longest"] = good
-        if timed_at is not None and time.monotonic() < deadline:
-            probe(timed_at, repeats=2)
+        for seq in dict.fromkeys([timed_at, good if time_longest else None]):
+            if seq is not None and in_time():
+                probe(seq, repeats=2, timed=True)
     except Exception as error:  # noqa: BLE001 - one setup failing must not lose the others
         found["status"], found["reason"] = "error", _reason(error)
         traceback.print_exc()
@@ -578,10 +625,38 @@ def _git_commit() -> Optional[str]:
         return None
 
 
+#: Rows a resumed run keeps (errors and rows skipped for time run again).
+KEPT = ("ok", "not runnable")
+#: What must be the same for a resumed run to add rows to an earlier call's file.
+SAME_ON_RESUME = ("shapes", "tiny", "device")
+
+
+def resumed(out_file: Path, meta: dict) -> Optional[dict]:
+    """The earlier calls' report in ``out_file``, to be continued; ``None`` where there is none.
+
+    Raises ``SystemExit`` where it was measured otherwise (other shapes, device or versions): rows of different
+    setups must not meet in one table.
+    """
+    if not out_file.is_file():
+        return None
+    earlier = json.loads(out_file.read_text(encoding="utf-8"))
+    meta = json.loads(json.dumps(meta))  # tuples as the file has them: lists
+    earlier_versions = {k: v for k, v in earlier["meta"]["versions"].items() if k != "qwen-ckpt-compat (tree)"}
+    versions_now = {k: v for k, v in meta["versions"].items() if k != "qwen-ckpt-compat (tree)"}
+    differs = [key for key in SAME_ON_RESUME if earlier["meta"].get(key) != meta.get(key)]
+    differs += ["versions"] if earlier_versions != versions_now else []
+    if differs:
+        raise SystemExit(f"{out_file} was measured with other {', '.join(differs)}: give another --out to start anew")
+    return earlier
+
+
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for bench.json")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: the pipeline in seconds")
+    parser.add_argument("--suite", action="store_true",
+                        help="every measurement of the speed targets (lengths, modes, longest context); resumes")
+    parser.add_argument("--resume", action="store_true", help="keep the rows already in OUT/bench.json, run the rest")
     parser.add_argument("--seq", type=int, nargs="+", help="sequence lengths (default: 2048 8192; tiny: 32 64)")
     parser.add_argument("--only", nargs="+", help="run only these modes (names as in the JSON)")
     parser.add_argument("--steps", type=int, nargs=2, metavar=("WARMUP", "TIMED"), help="steps per mode (default: 2 6)")
@@ -598,6 +673,12 @@ def main(argv: Optional[list] = None) -> int:
     NAME_KERNELS = not args.no_kernel_names
     began = time.monotonic()
     shapes = TINY if args.tiny else FULL
+    suite = (TINY_SUITE if args.tiny else SUITE) if args.suite else None
+    if suite is not None:
+        if args.seq or args.only or args.longest:
+            parser.error("--suite chooses the lengths, the modes and the longest-context setups itself")
+        shapes = Shapes(**{**asdict(shapes), "seqs": suite.seqs, "long_steps": suite.long_steps})
+        args.only, args.longest, args.longest_range, args.resume = list(suite.modes), list(suite.longest), suite.longest_range, True
     if args.seq:
         shapes = Shapes(**{**asdict(shapes), "seqs": tuple(args.seq)})
     if args.steps:
@@ -620,55 +701,86 @@ def main(argv: Optional[list] = None) -> int:
     import transformers  # noqa: F401
 
     torch.manual_seed(0)
-    check = _child(["--transformers-own-check", "--out", str(work)])  # runs on the CPU beside the GPU modes
-    code = write_remote_code(shapes, work / "code")
+    command = "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    call = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "git_commit": _git_commit(),
+    }
     report = {
         "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "python bench/run.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            **call,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "device_memory_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
             "versions": versions(),
-            "git_commit": _git_commit(),
             "shapes": asdict(shapes),
             "tiny": args.tiny,
+            "suite": suite is not None,
         },
         "results": [],
     }
     out_file = args.out / "bench.json"
+    earlier = resumed(out_file, report["meta"]) if args.resume else None
+    kept_rows: dict = {}
+    kept_longest: dict = {}
+    if earlier is not None:
+        report["meta"] = earlier["meta"]
+        kept_rows = {(r["mode"], r["seq"]): r for r in earlier["results"] if r["status"] in KEPT}
+        kept_longest = {f["setup"]: f for f in earlier.get("longest", []) if f["status"] == "ok" and f.get("complete")}
+    calls = report["meta"].setdefault("calls", [])
+    calls.append(call)
+    selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
+    planned = [(mode, seq) for seq in sorted(shapes.seqs, reverse=True) for mode in selected]
+    own_kept = [row for row in kept_rows.values() if row["mode"] == "transformers_own"]
+    wanted = (not args.only or "transformers_own" in args.only) and not (args.longest and suite is None) and not own_kept
+    check = _child(["--transformers-own-check", "--out", str(work)]) if wanted else None  # on the CPU beside the GPU modes
     gc.freeze()  # what is alive now stays: each mode's collection then only walks that mode's objects
 
     def save() -> None:
-        report["meta"]["wall_s"] = round(time.monotonic() - began, 1)
+        call["wall_s"] = round(time.monotonic() - began, 1)
+        report["meta"]["wall_s"] = round(sum(c.get("wall_s") or 0.0 for c in calls), 1)
         out_file.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
 
-    if args.longest:
-        start, step, limit = args.longest_range
-        shapes = Shapes(**{**asdict(shapes), "seqs": (limit,)})  # the models' position limits cover the search
-        code = write_remote_code(shapes, work / "code-longest")
-        report["longest"] = []
-        for name in args.longest:
-            found = longest_context(name, shapes, code, device, start, step, limit, began + args.deadline,
-                                    timed_at=args.longest_timed_at)
-            report["longest"].append(found)
-            print(f"longest {name:<14} {found['longest']} ({len(found['probes'])} probes, {found['status']})", flush=True)
-            save()
-        check.kill()
-        save()
-        return 0
-
-    selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
-    for seq in sorted(shapes.seqs, reverse=True):  # the longest first: it matters most if time runs out
-        for mode in selected:
+    if not args.longest or suite is not None:
+        code = write_remote_code(shapes, work / "code")
+        for mode, seq in planned:  # the longest first: it matters most if time runs out
+            if (mode.name, seq) in kept_rows:
+                report["results"].append(kept_rows[(mode.name, seq)])
+                continue
             if time.monotonic() - began > args.deadline:
                 result = Result(mode.name, seq, mode.description, status="skipped", reason=f"time limit ({args.deadline:.0f} s)")
             else:
                 result = run_mode(mode, seq, shapes, code, device)
+                result.call = len(calls)
             report["results"].append(asdict(result))
             print(f"{seq:>6} {mode.name:<28} {result.status:<8} peak={result.peak_bytes} step={result.step_s}", flush=True)
             save()
 
-    if not args.only or "transformers_own" in args.only:
+    if args.longest:
+        start, step, limit = args.longest_range
+        longest_shapes = Shapes(**{**asdict(shapes), "seqs": (limit,)})  # the models' position limits cover the search
+        code = write_remote_code(longest_shapes, work / "code-longest")
+        report["longest"] = []
+        peer: Optional[int] = args.longest_timed_at
+        for index, name in enumerate(args.longest):
+            if name in kept_longest:
+                found = kept_longest[name]
+            elif time.monotonic() - began > args.deadline:
+                found = {"setup": name, "options": LONGEST[name][1], "probes": [], "longest": None, "status": "skipped",
+                         "range": [start, step, limit], "complete": False}
+            else:
+                # In the suite the first setup is the peer: it is timed at its own longest length, the others there too.
+                found = longest_context(name, longest_shapes, code, device, start, step, limit, began + args.deadline,
+                                        timed_at=peer, time_longest=suite is not None and index == 0)
+                found["call"] = len(calls)
+            if suite is not None and index == 0:
+                peer = found["longest"]
+            report["longest"].append(found)
+            print(f"longest {name:<14} {found['longest']} ({len(found['probes'])} probes, {found['status']})", flush=True)
+            save()
+
+    report["results"] += own_kept  # last, where a new call puts them
+    if check is not None:
         verdict = _child_json(check, timeout=max(30.0, args.deadline - (time.monotonic() - began)))
         report["meta"]["transformers_own"] = verdict
         if verdict["runnable"] and time.monotonic() - began < args.deadline:
@@ -680,10 +792,13 @@ def main(argv: Optional[list] = None) -> int:
             status = "not runnable" if not verdict["runnable"] else "skipped"
             reason = verdict["reason"] or f"time limit ({args.deadline:.0f} s)"
             report["results"] += [asdict(Result("transformers_own", s, "transformers' own path, no library", status, reason)) for s in shapes.seqs]
-    else:
-        check.kill()
+    left = [f"{r['mode']}@{r['seq']}" for r in report["results"] if r["status"] not in KEPT]
+    left += [f"longest {f['setup']}" for f in report.get("longest", []) if not (f["status"] == "ok" and f.get("complete"))]
+    report["meta"]["complete"] = not left
     save()
-    print(f"wrote {out_file} in {time.monotonic() - began:.0f} s")
+    print(f"wrote {out_file} in {time.monotonic() - began:.0f} s: "
+          + ("complete" if not left else f"incomplete ({len(left)} left: {', '.join(left)}); run the same command again"
+             if args.resume else f"{len(left)} not measured: {', '.join(left)}"))
     return 0
 
 
