@@ -521,6 +521,8 @@ def longest_context(name: str, shapes: Shapes, code: Path, device: torch.device,
         for seq in dict.fromkeys([timed_at, good if time_longest else None]):
             if seq is not None and in_time():
                 probe(seq, repeats=2, timed=True)
+    except _NotRunnable as error:  # native Qwen2 on a transformers without it
+        found["status"], found["reason"], found["complete"] = "not runnable", str(error), True
     except Exception as error:  # noqa: BLE001 - one setup failing must not lose the others
         found["status"], found["reason"] = "error", _reason(error)
         traceback.print_exc()
@@ -726,7 +728,7 @@ def main(argv: Optional[list] = None) -> int:
     if earlier is not None:
         report["meta"] = earlier["meta"]
         kept_rows = {(r["mode"], r["seq"]): r for r in earlier["results"] if r["status"] in KEPT}
-        kept_longest = {f["setup"]: f for f in earlier.get("longest", []) if f["status"] == "ok" and f.get("complete")}
+        kept_longest = {f["setup"]: f for f in earlier.get("longest", []) if f["status"] in KEPT and f.get("complete")}
     calls = report["meta"].setdefault("calls", [])
     calls.append(call)
     selected = [m for m in modes(shapes.budget) if not args.only or m.name in args.only]
@@ -769,9 +771,10 @@ def main(argv: Optional[list] = None) -> int:
                 found = {"setup": name, "options": LONGEST[name][1], "probes": [], "longest": None, "status": "skipped",
                          "range": [start, step, limit], "complete": False}
             else:
-                # In the suite the first setup is the peer: it is timed at its own longest length, the others there too.
+                # In the suite the first setup is the peer: it is timed at its own longest length, the others there
+                # too (each at its own where the peer has none: native Qwen2 not runnable, or nothing trained).
                 found = longest_context(name, longest_shapes, code, device, start, step, limit, began + args.deadline,
-                                        timed_at=peer, time_longest=suite is not None and index == 0)
+                                        timed_at=peer, time_longest=suite is not None and (index == 0 or peer is None))
                 found["call"] = len(calls)
             if suite is not None and index == 0:
                 peer = found["longest"]
@@ -793,7 +796,7 @@ def main(argv: Optional[list] = None) -> int:
             reason = verdict["reason"] or f"time limit ({args.deadline:.0f} s)"
             report["results"] += [asdict(Result("transformers_own", s, "transformers' own path, no library", status, reason)) for s in shapes.seqs]
     left = [f"{r['mode']}@{r['seq']}" for r in report["results"] if r["status"] not in KEPT]
-    left += [f"longest {f['setup']}" for f in report.get("longest", []) if not (f["status"] == "ok" and f.get("complete"))]
+    left += [f"longest {f['setup']}" for f in report.get("longest", []) if not (f["status"] in KEPT and f.get("complete"))]
     report["meta"]["complete"] = not left
     save()
     print(f"wrote {out_file} in {time.monotonic() - began:.0f} s: "
